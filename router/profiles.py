@@ -1,0 +1,198 @@
+"""Hardware profiles: how many bytes a replica may hold, as data.
+
+Pure: no torch, no ray. The torch shell (deployments/pipelines.py) reads the CUDA device
+name and total memory and passes them to :func:`detect`; tests pass them by hand.
+
+Caveats:
+- ``reserve_bytes`` covers the CUDA context, cuBLAS/cuDNN workspaces and allocator
+  fragmentation. The figures are conservative defaults, not measurements; override them in
+  config after a GPU calibration run (bench/).
+- ``max_resident_pipelines`` is a safety cap on top of the byte budget, not the main limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+GIB = 1024**3
+MIB = 1024**2
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Memory limits of one replica's device.
+
+    ``device_budget_bytes`` (total - reserve) is what the pipeline cache may fill with
+    weights plus the workspace of requests in flight.
+    """
+
+    name: str
+    total_bytes: int
+    reserve_bytes: int
+    default_dtype: str
+    max_resident_pipelines: int
+    host_budget_bytes: int
+    idle_offload_s: float
+    idle_release_s: float
+    is_cuda: bool = True
+
+    def __post_init__(self) -> None:
+        # Validated once here so that every profile, table or override, is sound.
+        if self.total_bytes <= 0:
+            raise ValueError(f"profile {self.name!r}: total_bytes must be > 0, got {self.total_bytes}")
+        if not 0 <= self.reserve_bytes < self.total_bytes:
+            raise ValueError(
+                f"profile {self.name!r}: reserve_bytes must be in [0, total_bytes), "
+                f"got {self.reserve_bytes} of {self.total_bytes}"
+            )
+        if self.default_dtype not in DTYPES:
+            raise ValueError(f"profile {self.name!r}: default_dtype must be one of {DTYPES}, got {self.default_dtype!r}")
+        if self.max_resident_pipelines < 1:
+            raise ValueError(f"profile {self.name!r}: max_resident_pipelines must be >= 1")
+        if self.host_budget_bytes < 0:
+            raise ValueError(f"profile {self.name!r}: host_budget_bytes must be >= 0")
+        if self.idle_offload_s <= 0 or self.idle_release_s <= 0:
+            raise ValueError(f"profile {self.name!r}: idle timeouts must be > 0 seconds")
+
+    @property
+    def device_budget_bytes(self) -> int:
+        return self.total_bytes - self.reserve_bytes
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> "HardwareProfile":
+        """Return a copy with config overrides applied; unknown keys are a ValueError."""
+        if not overrides:
+            return self
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"profile override: unknown field(s) {unknown}; known fields are {sorted(fields)}")
+        return dataclasses.replace(self, **dict(overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["device_budget_bytes"] = self.device_budget_bytes
+        return d
+
+
+def _gpu(name: str, total_gib: float, *, bf16: bool, max_resident: int, host_gib: int) -> HardwareProfile:
+    total = int(total_gib * GIB)
+    # CUDA context (~0.5 GiB) + cuBLAS workspaces + fragmentation headroom: 1 GiB or 5%.
+    reserve = max(GIB, total // 20)
+    return HardwareProfile(
+        name=name,
+        total_bytes=total,
+        reserve_bytes=reserve,
+        default_dtype="bfloat16" if bf16 else "float16",
+        max_resident_pipelines=max_resident,
+        host_budget_bytes=host_gib * GIB,
+        idle_offload_s=300.0,
+        idle_release_s=1800.0,
+    )
+
+
+# Total bytes are the memory CUDA reports for the board, rounded to what the vendor sells;
+# detection below matches on the name first and uses the measured total to split variants.
+PROFILES: dict[str, HardwareProfile] = {
+    p.name: p
+    for p in (
+        _gpu("T4-16GB", 15.0, bf16=False, max_resident=4, host_gib=32),  # Turing: no bf16
+        _gpu("A10G-24GB", 22.0, bf16=True, max_resident=6, host_gib=48),
+        _gpu("L4-24GB", 22.0, bf16=True, max_resident=6, host_gib=48),
+        _gpu("A100-40GB", 39.5, bf16=True, max_resident=10, host_gib=96),
+        _gpu("A100-80GB", 79.0, bf16=True, max_resident=16, host_gib=160),
+        _gpu("H100-80GB", 79.0, bf16=True, max_resident=16, host_gib=160),
+        _gpu("H200-141GB", 139.5, bf16=True, max_resident=24, host_gib=256),
+    )
+}
+
+CPU_PROFILE_NAME = "cpu"
+GENERIC_GPU_NAME = "gpu-generic"
+
+
+def cpu_profile(*, available_ram_bytes: int, budget_bytes: int | None = None, fraction: float = 0.25) -> HardwareProfile:
+    """The CPU profile: the device is the CPU and there is no separate host tier.
+
+    ``budget_bytes`` is the configured device budget; without it a ``fraction`` of the
+    available RAM is used. CPU math defaults to float32 (fp16 kernels are slow or missing).
+    """
+    if budget_bytes is None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"cpu profile: fraction must be in (0, 1], got {fraction}")
+        budget_bytes = int(available_ram_bytes * fraction)
+    if budget_bytes <= 0:
+        raise ValueError(f"cpu profile: budget_bytes must be > 0, got {budget_bytes}")
+    return HardwareProfile(
+        name=CPU_PROFILE_NAME,
+        total_bytes=budget_bytes,
+        reserve_bytes=0,
+        default_dtype="float32",
+        max_resident_pipelines=8,
+        host_budget_bytes=0,  # the host tier collapses into the device
+        idle_offload_s=60.0,
+        idle_release_s=300.0,
+        is_cuda=False,
+    )
+
+
+def detect(device_name: str, total_bytes: int) -> HardwareProfile:
+    """Pick a GPU profile from the CUDA device name and its measured total memory.
+
+    An unknown GPU gets a generic profile built from its measured total (fp16 default,
+    since bf16 support cannot be assumed). The table's ``total_bytes`` is replaced by the
+    measured total when the board reports less (MIG slices, vGPU).
+    """
+    if total_bytes <= 0:
+        raise ValueError(f"detect: total_bytes must be > 0, got {total_bytes}")
+    upper = device_name.upper()
+    if "H200" in upper:
+        key = "H200-141GB"
+    elif "H100" in upper:
+        key = "H100-80GB"
+    elif "A100" in upper:
+        key = "A100-80GB" if total_bytes > 60 * GIB else "A100-40GB"
+    elif "A10G" in upper:
+        key = "A10G-24GB"
+    elif "L4" in upper.split() or upper.endswith(" L4"):
+        key = "L4-24GB"
+    elif "T4" in upper.split() or upper.endswith(" T4"):
+        key = "T4-16GB"
+    else:
+        key = None
+    if key is not None:
+        base = PROFILES[key]
+        if total_bytes < base.total_bytes:
+            reserve = min(base.reserve_bytes, total_bytes // 2)
+            return dataclasses.replace(base, total_bytes=total_bytes, reserve_bytes=reserve)
+        return base
+    return dataclasses.replace(
+        _gpu(GENERIC_GPU_NAME, total_bytes / GIB, bf16=False, max_resident=4, host_gib=32),
+        total_bytes=total_bytes,
+    )
+
+
+def resolve(
+    name: str,
+    *,
+    cuda_device: tuple[str, int] | None,
+    available_ram_bytes: int,
+    cpu_budget_bytes: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> HardwareProfile:
+    """Resolve the configured profile name (``auto``, a table key or ``cpu``).
+
+    ``cuda_device`` is ``(name, total_bytes)`` of the visible CUDA device or None.
+    ``auto`` detects the GPU when one is visible, else the cpu profile.
+    """
+    if name == "auto":
+        profile = detect(*cuda_device) if cuda_device else cpu_profile(available_ram_bytes=available_ram_bytes, budget_bytes=cpu_budget_bytes)
+    elif name == CPU_PROFILE_NAME:
+        profile = cpu_profile(available_ram_bytes=available_ram_bytes, budget_bytes=cpu_budget_bytes)
+    elif name in PROFILES:
+        profile = PROFILES[name]
+    else:
+        raise ValueError(f"profile: unknown name {name!r}; use 'auto', 'cpu' or one of {sorted(PROFILES)}")
+    return profile.with_overrides(overrides)

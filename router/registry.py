@@ -1,0 +1,207 @@
+"""The checkpoint registry: the only names a request can load (a whitelist).
+
+A request names a registry entry, never a path: :meth:`Registry.get` of an unknown name
+raises :class:`UnknownCheckpointError`; nothing here ever turns request text into a path.
+
+Only safetensors weights are accepted. A diffusers folder whose weights exist only as
+pickles (``.bin``, ``.ckpt``, ``.pt``, ``.pth``) is refused at registry load, because
+unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Components whose weights count; tokenizers, schedulers and feature extractors have none.
+DENOISER_COMPONENTS = ("unet", "transformer")
+
+
+class Dtype(str, enum.Enum):
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+    AUTO = "auto"  # the profile's default dtype
+
+
+class Quantization(str, enum.Enum):
+    NONE = "none"
+    INT8 = "int8"  # bitsandbytes LLM.int8 on the denoiser
+    NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat on the denoiser
+
+
+class Family(str, enum.Enum):
+    """Architecture family; selects the workspace calibration row."""
+
+    AUTO = "auto"
+    SD1 = "sd1"
+    SD2 = "sd2"
+    SDXL = "sdxl"
+    SD3 = "sd3"
+    FLUX = "flux"
+    TINY = "tiny"
+    UNKNOWN = "unknown"
+
+
+class RegistryError(ValueError):
+    """A registry entry or file is invalid; the message names the entry and the field."""
+
+
+class UnknownCheckpointError(KeyError):
+    """A request named a checkpoint that is not in the registry."""
+
+    def __init__(self, name: str, known: Iterable[str]):
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.known[:20]) + (" ..." if len(self.known) > 20 else "")
+        return f"unknown checkpoint {self.name!r}; registered: {shown or '(none)'}"
+
+
+class CheckpointSpec(BaseModel):
+    """One registered checkpoint: a local diffusers folder and how to serve it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    name: str = Field(pattern=NAME_PATTERN, description="Slug clients use to name the checkpoint.")
+    path: Path = Field(description="Local diffusers folder (model_index.json + component folders).")
+    dtype: Dtype = Dtype.AUTO
+    quantization: Quantization = Quantization.NONE
+    family: Family = Family.AUTO
+    max_width: int = Field(default=1024, ge=8, le=8192, multiple_of=8)
+    max_height: int = Field(default=1024, ge=8, le=8192, multiple_of=8)
+    max_batch: int = Field(default=4, ge=1, le=64)
+    max_steps: int = Field(default=100, ge=1, le=1000)
+    default_width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    default_height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8)
+    default_steps: int | None = Field(default=None, ge=1, le=1000)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def width(self) -> int:
+        return self.default_width or min(512, self.max_width)
+
+    @property
+    def height(self) -> int:
+        return self.default_height or min(512, self.max_height)
+
+    @property
+    def steps(self) -> int:
+        return self.default_steps or min(25, self.max_steps)
+
+
+def _check_folder(spec: CheckpointSpec) -> None:
+    """Refuse folders we cannot load safely. Raises RegistryError naming the entry."""
+    where = f"checkpoint {spec.name!r}: path"
+    if not spec.path.is_dir():
+        raise RegistryError(f"{where}: folder does not exist or is not a directory: {spec.path}")
+    index = spec.path / "model_index.json"
+    if not index.is_file():
+        raise RegistryError(f"{where}: no model_index.json in {spec.path} (not a diffusers pipeline folder)")
+    try:
+        components = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"{where}: model_index.json is not valid JSON ({exc})") from None
+    if not isinstance(components, dict):
+        raise RegistryError(f"{where}: model_index.json must be a JSON object")
+    weighted = 0
+    for comp, value in components.items():
+        if comp.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        folder = spec.path / comp
+        if not folder.is_dir():
+            continue
+        has_safetensors = any(folder.glob("*.safetensors"))
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not has_safetensors and pickles:
+            raise RegistryError(
+                f"{where}: component {comp!r} has only pickle weights ({', '.join(pickles)}); "
+                "pickle files can execute code when loaded, so only safetensors are accepted. "
+                "Convert them with safetensors first."
+            )
+        weighted += has_safetensors
+    if weighted == 0:
+        raise RegistryError(f"{where}: no safetensors weights found under {spec.path}")
+
+
+class Registry:
+    """Name -> CheckpointSpec. Immutable after construction."""
+
+    def __init__(self, specs: Iterable[CheckpointSpec], *, check_files: bool = True):
+        self._specs: dict[str, CheckpointSpec] = {}
+        for spec in specs:
+            if spec.name in self._specs:
+                raise RegistryError(f"checkpoint {spec.name!r}: name: registered twice")
+            if check_files:
+                _check_folder(spec)
+            self._specs[spec.name] = spec
+
+    @classmethod
+    def from_entries(cls, entries: Any, *, base_dir: Path | None = None, check_files: bool = True) -> "Registry":
+        """Build from an inline list of dicts (config) — errors name the entry and field.
+
+        Relative paths are resolved against ``base_dir`` (the config file's folder).
+        """
+        if isinstance(entries, dict) and "checkpoints" in entries:
+            entries = entries["checkpoints"]
+        if not isinstance(entries, list):
+            raise RegistryError(f"registry: expected a list of checkpoints, got {type(entries).__name__}")
+        specs = []
+        for i, raw in enumerate(entries):
+            label = raw.get("name", f"#{i}") if isinstance(raw, dict) else f"#{i}"
+            if not isinstance(raw, dict):
+                raise RegistryError(f"checkpoint {label!r}: expected a mapping, got {type(raw).__name__}")
+            try:
+                spec = CheckpointSpec.model_validate(raw)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or '(entry)'}: {e['msg']}" for e in exc.errors()
+                )
+                raise RegistryError(f"checkpoint {label!r}: {problems}") from None
+            if base_dir is not None and not spec.path.is_absolute():
+                spec = spec.model_copy(update={"path": (base_dir / spec.path).resolve()})
+            specs.append(spec)
+        return cls(specs, check_files=check_files)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, check_files: bool = True) -> "Registry":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise RegistryError(f"registry file {path}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise RegistryError(f"registry file {path}: invalid YAML ({exc})") from None
+        return cls.from_entries(data, base_dir=path.parent, check_files=check_files)
+
+    def get(self, name: str) -> CheckpointSpec:
+        """The spec for ``name``; :class:`UnknownCheckpointError` if it is not registered."""
+        spec = self._specs.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise UnknownCheckpointError(str(name)[:80], self._specs)
+        return spec
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[CheckpointSpec]:
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def names(self) -> list[str]:
+        return list(self._specs)

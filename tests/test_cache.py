@@ -1,0 +1,265 @@
+"""PipelineCache policy: exact eviction orders, pins, tiers, idle timers (fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.cache import CacheConfig, Lease, PipelineCache, Shortfall, Tier
+from tests.fakes import FakeBackend, FakeClock
+
+SIZES = {"a": 30, "b": 30, "c": 30, "d": 50, "big": 120, "q": 25}
+
+
+def make(budget=100, host=100, host_tier=True, max_resident=16, offload_s=10.0, release_s=100.0, **kw):
+    clock = FakeClock()
+    backend = FakeBackend(dict(SIZES), **kw)
+    cfg = CacheConfig(device_budget_bytes=budget, host_budget_bytes=host, idle_offload_s=offload_s,
+                      idle_release_s=release_s, max_resident=max_resident, host_tier=host_tier)
+    return PipelineCache(cfg, backend, clock), backend, clock
+
+
+def use(cache, clock, name, ws=0, offloadable=True):
+    lease = cache.acquire(name, weights_bytes=SIZES[name], workspace_bytes=ws, offloadable=offloadable)
+    assert isinstance(lease, Lease), lease
+    lease.release()
+    clock.advance(1)
+    return lease
+
+
+def tiers(cache):
+    return {e.name: e.tier for e in cache.report().entries}
+
+
+def test_lru_evicts_least_recently_used_first_and_offloads_to_host():
+    cache, backend, clock = make()
+    for n in ("a", "b", "c"):
+        use(cache, clock, n)
+    use(cache, clock, "a")  # a becomes most recent: LRU order is now b, c, a
+    backend.calls.clear()
+    lease = use(cache, clock, "d")  # needs 50, free 10: evict b then c
+    assert backend.calls == [("to_host", "b"), ("to_host", "c"), ("load", "d")]
+    assert lease.served_from is Tier.DISK
+    assert tiers(cache) == {"a": "device", "b": "host", "c": "host", "d": "device"}
+    rep = cache.report()
+    assert rep.device_used_bytes == 80 and rep.host_used_bytes == 60
+    assert rep.counters["evictions"] == 2 and rep.counters["offloads"] == 2 and rep.counters["disk_loads"] == 4
+
+
+def test_host_reload_then_hit_counters():
+    cache, backend, clock = make()
+    for n in ("a", "b", "c", "d"):  # d evicts a, b
+        use(cache, clock, n)
+    backend.calls.clear()
+    assert use(cache, clock, "a").served_from is Tier.HOST  # evicts c (LRU) for 30 bytes
+    assert backend.calls == [("to_host", "c"), ("to_device", "a")]
+    assert use(cache, clock, "a").served_from is Tier.DEVICE
+    c = cache.report().counters
+    assert (c["hits"], c["host_reloads"], c["disk_loads"]) == (1, 1, 4)
+
+
+def test_host_tier_full_releases_lru_host_entries_first():
+    cache, backend, clock = make(host=60)
+    for n in ("a", "b", "c"):
+        use(cache, clock, n)
+    use(cache, clock, "d")  # a, b -> host (60 of 60)
+    backend.calls.clear()
+    use(cache, clock, "q")  # 25 needed, free 20: evict c (LRU device); host full -> free a (LRU host)
+    assert backend.calls == [("free", "a"), ("to_host", "c"), ("load", "q")]
+    assert tiers(cache) == {"b": "host", "c": "host", "d": "device", "q": "device"}
+    assert cache.report().counters["releases"] == 1
+
+
+def test_entry_larger_than_host_budget_is_released_and_counted():
+    cache, backend, clock = make(host=20)
+    for n in ("a", "b", "c", "d"):
+        use(cache, clock, n)
+    assert "a" not in tiers(cache) and "b" not in tiers(cache)
+    assert cache.report().counters["host_full_releases"] == 2
+
+
+def test_pinned_entries_are_never_evicted_and_shortfall_changes_nothing():
+    cache, backend, clock = make()
+    la = cache.acquire("a", weights_bytes=30)
+    lb = cache.acquire("b", weights_bytes=30)
+    use(cache, clock, "c")
+    backend.calls.clear()
+    short = cache.acquire("d", weights_bytes=50)  # only c (30) evictable: 10 + 30 < 50
+    assert isinstance(short, Shortfall)
+    assert short.reason == "in_use" and not short.permanent
+    assert (short.need_bytes, short.budget_bytes, short.used_bytes, short.pinned_bytes) == (50, 100, 90, 60)
+    assert backend.calls == []  # nothing evicted for a request that cannot fit
+    assert tiers(cache) == {"a": "device", "b": "device", "c": "device"}
+    la.release()
+    lease = cache.acquire("d", weights_bytes=50)  # now a (30) + c: LRU is a? a last used at pin time
+    assert isinstance(lease, Lease)
+    assert tiers(cache)["b"] == "device"  # still pinned
+    lb.release()
+    lease.release()
+
+
+def test_bigger_than_budget_is_a_permanent_shortfall():
+    cache, backend, clock = make()
+    short = cache.acquire("big", weights_bytes=120)
+    assert isinstance(short, Shortfall) and short.permanent
+    assert "120 bytes" in short.message() and "100 bytes" in short.message()
+    assert cache.report().counters["shortfalls"] == 1
+
+
+def test_workspace_counts_while_in_flight_and_is_returned():
+    cache, backend, clock = make()
+    lease = cache.acquire("a", weights_bytes=30, workspace_bytes=40)
+    rep = cache.report()
+    assert (rep.device_used_bytes, rep.workspace_in_flight_bytes, rep.in_flight) == (70, 40, 1)
+    short = cache.acquire("d", weights_bytes=50)  # 30 free, a pinned
+    assert isinstance(short, Shortfall)
+    lease.release()
+    rep = cache.report()
+    assert (rep.device_used_bytes, rep.workspace_in_flight_bytes, rep.in_flight) == (30, 0, 0)
+
+
+def test_hit_that_needs_workspace_room_evicts_lru():
+    cache, backend, clock = make()
+    for n in ("a", "b", "c"):
+        use(cache, clock, n)
+    backend.calls.clear()
+    lease = cache.acquire("c", weights_bytes=30, workspace_bytes=30)  # 10 free: evict a
+    assert lease.served_from is Tier.DEVICE
+    assert backend.calls == [("to_host", "a")]
+    lease.release()
+
+
+def test_measured_above_estimate_evicts_more():
+    cache, backend, clock = make(measured_delta={"d": 25})  # d measures 75
+    for n in ("a", "b"):
+        use(cache, clock, n)
+    backend.calls.clear()
+    use(cache, clock, "d")  # planned for 50 (free 40 -> evict a), measured 75 -> 105 used -> evict b too
+    assert backend.calls == [("to_host", "a"), ("load", "d"), ("to_host", "b")]
+    rep = cache.report()
+    assert rep.device_used_bytes == 75 <= rep.device_budget_bytes
+
+
+def test_measured_overrun_that_cannot_fit_gives_the_load_back():
+    cache, backend, clock = make(measured_delta={"d": 60})  # d measures 110 > budget
+    short = cache.acquire("d", weights_bytes=50)
+    assert isinstance(short, Shortfall)
+    assert backend.calls == [("load", "d"), ("free", "d")]
+    assert cache.report().entries == () and cache.report().device_used_bytes == 0
+
+
+def test_load_failure_leaves_nothing_behind():
+    cache, backend, clock = make(fail_load={"a"})
+    with pytest.raises(RuntimeError, match="injected"):
+        cache.acquire("a", weights_bytes=30)
+    rep = cache.report()
+    assert rep.entries == () and rep.device_used_bytes == 0 and rep.counters["load_failures"] == 1
+    use(cache, clock, "b")  # the cache still works
+
+
+def test_max_resident_cap_evicts_by_count():
+    cache, backend, clock = make(max_resident=2, budget=1000)
+    for n in ("a", "b", "c"):
+        use(cache, clock, n)
+    assert tiers(cache) == {"a": "host", "b": "device", "c": "device"}
+
+
+def test_idle_timers_offload_then_release():
+    cache, backend, clock = make(offload_s=10, release_s=100)
+    use(cache, clock, "a")  # last used at t0, clock now t0+1
+    use(cache, clock, "b")  # last used at t0+1
+    assert cache.tick() == []
+    clock.advance(8)  # a idle 10 s, b idle 9 s
+    assert cache.tick() == [("a", "offload")]
+    clock.advance(1)
+    assert cache.tick() == [("b", "offload")]
+    assert tiers(cache) == {"a": "host", "b": "host"}
+    clock.advance(88)  # a idle 99 s
+    assert cache.tick() == []
+    clock.advance(1)
+    assert cache.tick() == [("a", "release")]
+    clock.advance(1)
+    assert cache.tick() == [("b", "release")]
+    rep = cache.report()
+    assert rep.entries == () and rep.device_used_bytes == 0 and rep.host_used_bytes == 0
+
+
+def test_idle_timers_skip_entries_in_use():
+    cache, backend, clock = make(offload_s=10, release_s=100)
+    lease = cache.acquire("a", weights_bytes=30)
+    clock.advance(500)
+    assert cache.tick() == []
+    assert cache.report().entry("a").idle_s == 0.0
+    lease.release()
+    clock.advance(10)
+    assert cache.tick() == [("a", "offload")]
+
+
+def test_no_host_tier_releases_after_idle_release():
+    cache, backend, clock = make(host=0, host_tier=False, offload_s=10, release_s=100)
+    for n in ("a", "b", "c", "d"):
+        use(cache, clock, n)
+    assert tiers(cache) == {"c": "device", "d": "device"}  # a, b released to make room
+    assert [c for c in backend.calls if c[0] != "load"] == [("free", "a"), ("free", "b")]
+    clock.advance(50)
+    assert cache.tick() == []  # no offload step without a host tier
+    clock.advance(50)
+    assert cache.tick() == [("c", "release"), ("d", "release")]
+
+
+def test_non_offloadable_entries_are_released_not_moved():
+    cache, backend, clock = make()
+    use(cache, clock, "a", offloadable=False)
+    use(cache, clock, "b")
+    use(cache, clock, "c")
+    backend.calls.clear()
+    use(cache, clock, "d")
+    assert backend.calls == [("free", "a"), ("to_host", "b"), ("load", "d")]
+    clock.advance(20)
+    assert ("a", "offload") not in cache.tick()
+
+
+def test_admin_offload_and_release_skip_in_use():
+    cache, backend, clock = make()
+    use(cache, clock, "a")
+    lease = cache.acquire("b", weights_bytes=30)
+    assert cache.offload() == ["a"]
+    assert tiers(cache) == {"a": "host", "b": "device"}
+    assert cache.release() == ["a"]
+    assert tiers(cache) == {"b": "device"}
+    lease.release()
+    assert cache.release("b") == ["b"]
+    assert cache.report().entries == ()
+
+
+def test_lease_released_twice_is_misuse():
+    cache, backend, clock = make()
+    lease = cache.acquire("a", weights_bytes=30)
+    lease.release()
+    with pytest.raises(ValueError, match="released twice"):
+        lease.release()
+
+
+def test_context_manager_releases():
+    cache, backend, clock = make()
+    with cache.acquire("a", weights_bytes=30, workspace_bytes=5) as lease:
+        assert lease.obj.name == "a" and cache.report().in_flight == 1
+    assert cache.report().in_flight == 0
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"device_budget_bytes": 0}, "device_budget_bytes"),
+    ({"device_budget_bytes": 1, "host_budget_bytes": -1}, "host_budget_bytes"),
+    ({"device_budget_bytes": 1, "idle_offload_s": 0}, "idle"),
+    ({"device_budget_bytes": 1, "max_resident": 0}, "max_resident"),
+])
+def test_config_misuse_names_the_parameter(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        CacheConfig(**kwargs)
+
+
+def test_acquire_misuse_names_the_parameter():
+    cache, _, _ = make()
+    with pytest.raises(ValueError, match="weights_bytes"):
+        cache.acquire("a", weights_bytes=0)
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        cache.acquire("a", weights_bytes=1, workspace_bytes=-1)
