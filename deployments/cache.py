@@ -384,7 +384,8 @@ class PipelineCache:
             else:
                 self._counters.host_reloads += 1
             e.busy = False
-            over = self._device_used() - self.config.device_budget_bytes
+            # The lease's own workspace is added at pin time, so it counts here too.
+            over = self._device_used() + workspace_bytes - self.config.device_budget_bytes
         if over > 0:
             # Measured above the estimate: evict more, or give the load back.
             if not self._evict_for_overrun(e, over):
