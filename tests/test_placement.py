@@ -1,0 +1,124 @@
+"""Pure placement ranking and the routing ledger, with fake replica views (no cluster)."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.ledger import Ledger
+from router.placement import EntryView, Need, Rank, ReplicaView, rank
+
+F16 = "float16"
+
+
+def need(name="x", weights=40, workspace=10):
+    return Need(name, {F16: weights, "float32": 2 * weights}, {F16: workspace, "float32": 2 * workspace})
+
+
+def view(rid, used=0, budget=100, queue=0, dtype=F16, **entries):
+    return ReplicaView(rid, budget, used, dtype, {k: EntryView(*v) for k, v in entries.items()}, queue)
+
+
+def order(placements):
+    return [(p.replica_id, p.rank) for p in placements]
+
+
+def test_device_beats_host_beats_fits_beats_evict():
+    views = [
+        view("evict", used=90, a=("device", 90, 5.0)),
+        view("fits", used=0),
+        view("host", used=0, x=("host", 40)),
+        view("device", used=40, x=("device", 40)),
+    ]
+    assert order(rank(views, need())) == [
+        ("device", Rank.ON_DEVICE), ("host", Rank.ON_HOST), ("fits", Rank.FITS), ("evict", Rank.EVICT)]
+
+
+def test_queue_length_breaks_ties():
+    views = [view("a", queue=3), view("b", queue=1), view("c", queue=2)]
+    assert [p.replica_id for p in rank(views, need())] == ["b", "c", "a"]
+
+
+def test_cheapest_eviction_first_fewest_bytes_then_most_idle():
+    views = [
+        view("big", used=100, a=("device", 100, 50.0)),
+        view("small_recent", used=100, a=("device", 50, 1.0), b=("device", 50, 1.0)),
+        view("small_idle", used=100, a=("device", 50, 90.0), b=("device", 50, 1.0)),
+    ]
+    ranked = rank(views, need(weights=40, workspace=10))
+    assert [(p.replica_id, p.evict_bytes) for p in ranked] == [("small_idle", 50), ("small_recent", 50), ("big", 100)]
+
+
+def test_pinned_entries_make_a_replica_busy_and_too_big_is_excluded():
+    views = [view("pinned", used=100, a=("device", 100, 0.0, 1)), view("tiny", budget=30), view("ok")]
+    assert order(rank(views, need())) == [("ok", Rank.FITS), ("pinned", Rank.BUSY)]
+    assert rank([view("tiny", budget=30)], need()) == []
+
+
+def test_need_uses_each_replicas_dtype():
+    # fp32 replica needs 2x: 80 + 20 = 100 fits its budget exactly; 101 would not.
+    assert order(rank([view("cpu", dtype="float32")], need())) == [("cpu", Rank.FITS)]
+    assert rank([view("cpu", dtype="float32", budget=99)], need()) == []
+    with pytest.raises(ValueError, match="no estimate at dtype 'bfloat16'"):
+        rank([view("bf", dtype="bfloat16")], need())
+
+
+def test_busy_replica_spills_to_the_next():
+    views = [view("hot", used=40, queue=4, x=("device", 40)), view("cold", queue=0)]
+    assert [p.replica_id for p in rank(views, need(), spill_queue_len=4)] == ["cold", "hot"]
+    assert [p.replica_id for p in rank(views, need(), spill_queue_len=5)] == ["hot", "cold"]
+    with pytest.raises(ValueError, match="spill_queue_len"):
+        rank(views, need(), spill_queue_len=0)
+
+
+def test_max_resident_forces_eviction_rank():
+    v = ReplicaView("r", 1000, 10, F16, {"a": EntryView("device", 10, 3.0)}, 0, max_resident=1)
+    (p,) = rank([v], need())
+    assert (p.rank, p.evict_bytes) == (Rank.EVICT, 10)
+
+
+# ---- ledger ----------------------------------------------------------------------------------
+def test_burst_for_cold_checkpoint_goes_to_one_replica():
+    ledger = Ledger()
+    reports = [view("a"), view("b")]
+    chosen = []
+    for i in range(10):
+        views = [ledger.overlay(v) for v in reports]
+        best = rank(views, need(), spill_queue_len=100)[0]
+        ledger.routed(f"r{i}", best.replica_id, "x", weights_bytes=40, now_s=1.0 + i)
+        chosen.append(best.replica_id)
+    assert set(chosen) == {chosen[0]}
+
+
+def test_overlay_counts_weights_once():
+    ledger = Ledger()
+    ledger.routed("1", "a", "x", weights_bytes=40, now_s=5.0)
+    ledger.routed("2", "a", "x", weights_bytes=40, now_s=6.0)
+    v = ledger.overlay(view("a"))
+    assert v.entries["x"].tier == "device" and v.entries["x"].in_use == 2
+    assert v.used_bytes == 40  # weights once, however many requests
+    assert ledger.pending("a") == [("x", 2)]
+
+
+def test_ledger_forgets_after_a_report_taken_after_completion():
+    ledger = Ledger()
+    ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)
+    ledger.completed("1", now_s=2.0)
+    ledger.report_arrived("a", 1.5)  # taken before completion: keep
+    assert len(ledger) == 1
+    ledger.report_arrived("a", 2.5)
+    assert len(ledger) == 0
+    ledger.routed("2", "b", "x", weights_bytes=40, now_s=3.0)
+    ledger.replica_gone("b")
+    assert len(ledger) == 0
+    ledger.routed("3", "a", "x", weights_bytes=40, now_s=10.0)  # never completed
+    ledger.report_arrived("a", 609.0)
+    assert len(ledger) == 1
+    ledger.report_arrived("a", 611.0)
+    assert len(ledger) == 0
+
+
+def test_overlay_marks_resident_entry_in_use():
+    ledger = Ledger()
+    ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)
+    v = ledger.overlay(view("a", used=40, x=("device", 40, 9.0)))
+    assert v.entries["x"].in_use == 1 and v.entries["x"].idle_s == 0.0 and v.used_bytes == 40
