@@ -15,9 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--requests", type=int, default=24, help="number of requests to send")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from deployments.local_demo import run_local_demo
+        from deployments import demo_run
 
-        return run_local_demo(out_dir=args.out, n_requests=args.requests)
+        if args.local:
+            return demo_run.run_local_demo(out_dir=args.out, n_requests=args.requests)
+        return demo_run.run_demo(out_dir=args.out, n_requests=args.requests)
     return 2
 
 

@@ -1,0 +1,71 @@
+"""The application's config: the ``args`` of serve_config.yaml, validated once here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from router.registry import Registry
+
+
+class ReplicaSettings(BaseModel):
+    """The ModelReplica deployment: one per GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(default=2, ge=1)
+    num_gpus: float = Field(default=0, ge=0, description="1 on GPU clusters; 0 on the CPU default.")
+    num_cpus: float = Field(default=0.5, ge=0)
+    max_ongoing_requests: int = Field(default=8, ge=1)
+    max_queued_requests: int = Field(default=64, ge=-1, description="-1: unbounded (not recommended).")
+    profile: str = Field(default="auto", description="'auto', 'cpu' or a profile name (router/profiles.py).")
+    profile_overrides: dict[str, Any] = Field(default_factory=dict, description="Any HardwareProfile field.")
+    cpu_budget_bytes: int | None = Field(default=None, gt=0, description="The cpu profile's device budget.")
+    idle_check_period_s: float = Field(default=1.0, gt=0)
+    routing_stats_period_s: float = Field(default=1.0, gt=0)
+    routing_stats_timeout_s: float = Field(default=5.0, gt=0)
+    spill_queue_len: int = Field(default=4, ge=1, description="Queue length at which a hot checkpoint spreads.")
+
+
+class IngressSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.25, ge=0)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=512, ge=-1)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    admin_token_env: str = Field(default="MEMROUTER_ADMIN_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
+
+
+class AppConfig(BaseModel):
+    """``registry`` is ``"demo"`` (the embedded tiny checkpoints), a YAML path, or a list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str | list[dict[str, Any]] = "demo"
+    replica: ReplicaSettings = Field(default_factory=ReplicaSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+
+    @model_validator(mode="after")
+    def _registry_kind(self) -> "AppConfig":
+        if isinstance(self.registry, str) and self.registry != "demo" and not self.registry.endswith((".yaml", ".yml")):
+            raise ValueError("registry must be 'demo', a path to a .yaml file, or a list of checkpoints")
+        return self
+
+    def load_registry(self, *, base_dir: Path | None = None) -> Registry:
+        """Build the registry; for ``demo`` this materializes the demo checkpoints first."""
+        if self.registry == "demo":
+            from deployments.demo import demo_registry_entries, ensure_demo_checkpoints
+
+            ensure_demo_checkpoints()
+            return Registry.from_entries(demo_registry_entries())
+        if isinstance(self.registry, str):
+            path = Path(self.registry)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            return Registry.from_yaml(path)
+        return Registry.from_entries(self.registry, base_dir=base_dir)

@@ -1,0 +1,201 @@
+"""``memrouter demo``: the service on the embedded demo checkpoints, end to end.
+
+Starts a local Ray cluster and the Serve app from serve_config.yaml, sends a mixed workload
+over HTTP, prints one line per request and the final replica reports, writes the images
+and one PNG memory timeline per replica (sampled from GET /v1/status), and shuts down.
+``--local`` runs the same replica code in this process without Ray.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "serve_config.yaml"
+# Zipf-like popularity over the demo checkpoints: the small ones are hot, the big one cold.
+WEIGHTS = {"demo-xs": 8, "demo-s": 4, "demo-m": 2, "demo-l": 1}
+
+
+def say(msg: str) -> None:
+    print(f"[memrouter] {msg}", flush=True)
+
+
+def workload(n: int, seed: int = 7) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    names = list(WEIGHTS)
+    picks = rng.choices(names, weights=[WEIGHTS[k] for k in names], k=n)
+    return [{"checkpoint": c, "prompt": f"a lighthouse at dusk #{i}", "seed": i} for i, c in enumerate(picks)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_app_args(config_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    doc = yaml.safe_load(config_path.read_text())
+    app = doc["applications"][0]
+    return doc, dict(app.get("args") or {})
+
+
+def print_row(i: int, r: dict[str, Any]) -> None:
+    if "error" in r:
+        say(f"{i:>3} {r.get('checkpoint', '?'):<8} -> ERROR {r['error']}")
+        return
+    t = r["timings_ms"]
+    say(f"{i:>3} {r['checkpoint']:<8} -> replica {r['replica'][:8]:<8} {r['served_from']:<6} "
+        f"total {t['total']:8.1f} ms  load {t['load']:8.1f} ms  inference {t['inference']:7.1f} ms")
+
+
+def plot_timelines(samples: dict[str, list[tuple[float, int, int]]], budgets: dict[str, int], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    t0 = min((s[0][0] for s in samples.values() if s), default=0.0)
+    for rid, pts in sorted(samples.items()):
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.step([p[0] - t0 for p in pts], [p[1] / 1e6 for p in pts], where="post", label="device used")
+        if any(p[2] for p in pts):
+            ax.step([p[0] - t0 for p in pts], [p[2] / 1e6 for p in pts], where="post", label="host used")
+        ax.axhline(budgets[rid] / 1e6, color="red", linestyle="--", label="budget")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("MB")
+        ax.set_title(f"replica {rid[:8]}: memory timeline")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        path = out_dir / f"memory-timeline-{rid[:8]}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_demo(*, out_dir: str, n_requests: int, config_path: Path = DEFAULT_CONFIG, concurrency: int = 4) -> int:
+    import httpx
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.demo import ensure_demo_checkpoints
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    say("building the demo checkpoints (first run only) ...")
+    paths = ensure_demo_checkpoints()
+    for name, p in paths.items():
+        size = sum(f.stat().st_size for f in p.rglob("*.safetensors"))
+        say(f"  {name:<8} {size / 1e6:7.1f} MB of safetensors")
+    doc, args = load_app_args(config_path)
+    port = free_port()
+    say(f"starting Ray and Serve (HTTP on 127.0.0.1:{port}) ...")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    samples: dict[str, list[tuple[float, int, int]]] = {}
+    budgets: dict[str, int] = {}
+    stop = threading.Event()
+    try:
+        serve.run(build_app(args), name="memrouter", route_prefix="/")
+        say("application running; sending the workload")
+        with httpx.Client(base_url=base, timeout=180) as client:
+            def poll() -> None:
+                while not stop.wait(0.25):
+                    try:
+                        for r in client.get("/v1/status").json()["replicas"]:
+                            samples.setdefault(r["replica_id"], []).append(
+                                (r["timestamp_s"], r["device_used_bytes"], r["host_used_bytes"]))
+                            budgets[r["replica_id"]] = r["device_budget_bytes"]
+                    except Exception:  # noqa: BLE001 - sampling is best effort
+                        pass
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            results: list[dict[str, Any]] = []
+
+            def send(item: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+                i, body = item
+                resp = client.post("/v1/generate", json=body)
+                data = resp.json()
+                if resp.status_code != 200:
+                    return {"checkpoint": body["checkpoint"], "error": f"{resp.status_code} {data['error']['code']}"}
+                for k, img in enumerate(data["images"]):
+                    (out / "images" / f"{i:03d}-{data['checkpoint']}-{k}.png").write_bytes(base64.b64decode(img))
+                return data
+
+            t_start = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                for i, r in enumerate(pool.map(send, enumerate(workload(n_requests)))):
+                    print_row(i, r)
+                    results.append(r)
+            wall_s = time.perf_counter() - t_start
+            time.sleep(1.5)  # one more report period, so the final reports include the last request
+            stop.set()
+            poller.join()
+            status = client.get("/v1/status").json()
+        ok = [r for r in results if "error" not in r]
+        served = {k: sum(1 for r in ok if r["served_from"] == k) for k in ("device", "host", "disk")}
+        say(f"{len(ok)}/{len(results)} requests answered 200 in {wall_s:.1f} s; served from {served}")
+        for rep in status["replicas"]:
+            c = rep["counters"]
+            entries = ", ".join(f"{e['name']}:{e['tier']}:{e['bytes'] / 1e6:.1f}MB" for e in rep["entries"])
+            say(f"replica {rep['replica_id'][:8]} [{rep['profile']}] used {rep['device_used_bytes'] / 1e6:.1f} of "
+                f"{rep['device_budget_bytes'] / 1e6:.1f} MB; hits {c['hits']} disk loads {c['disk_loads']} "
+                f"evictions {c['evictions']} releases {c['releases']} leaked {rep['leaked_modules']}; [{entries}]")
+        (out / "final_status.json").write_text(json.dumps(status, indent=2))
+        for p in plot_timelines(samples, budgets, out):
+            say(f"wrote {p}")
+        say(f"images in {out / 'images'}")
+        return 0 if len(ok) == len(results) else 1
+    finally:
+        stop.set()
+        serve.shutdown()
+        ray.shutdown()
+        say("shut down")
+
+
+def run_local_demo(*, out_dir: str, n_requests: int) -> int:
+    """The replica's cache and pipelines in this process, no Ray: one replica, sequential."""
+    from deployments.replica import ModelReplica
+    from router.api import GenerateRequest, resolve_request
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    _, args = load_app_args(DEFAULT_CONFIG)
+    say("building the demo checkpoints (first run only) and starting one local replica ...")
+    replica = ModelReplica(args)
+    failures = 0
+    try:
+        for i, body in enumerate(workload(n_requests)):
+            spec = replica._registry.get(body["checkpoint"])
+            resolved = resolve_request(GenerateRequest(**body), spec, default_seed=0)
+            t0 = time.perf_counter()
+            r = replica._generate_sync(resolved.model_dump())
+            if r["status"] != 200:
+                failures += 1
+                print_row(i, {"checkpoint": body["checkpoint"], "error": r["error"]["code"]})
+                continue
+            r["timings_ms"]["total"] = (time.perf_counter() - t0) * 1000
+            print_row(i, r)
+            (out / "images" / f"{i:03d}-{r['checkpoint']}.png").write_bytes(base64.b64decode(r["images"][0]))
+        rep = replica.memory_report()
+        say(f"final: used {rep['device_used_bytes'] / 1e6:.1f} of {rep['device_budget_bytes'] / 1e6:.1f} MB; "
+            f"counters {rep['counters']}; leaked modules {rep['leaked_modules']}")
+        return 0 if failures == 0 else 1
+    finally:
+        replica.shutdown()

@@ -1,0 +1,392 @@
+"""The torch side: load, measure, move, free and run a diffusers pipeline.
+
+This is the only module that touches torch devices; everything above it (the cache, the
+replica) deals in names and byte counts.
+
+Loading never unpickles: weights are read from safetensors only (``use_safetensors=True``),
+remote code is never trusted, and nothing is fetched from a hub (``local_files_only=True``).
+After loading, no weight stays memory-mapped from its file, so rewriting or deleting a
+checkpoint folder on disk cannot change (or crash, via SIGBUS on truncation) a pipeline
+already in memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_QUANT_BACKENDS = {"int8": "bitsandbytes_8bit", "nf4": "bitsandbytes_4bit"}
+_DENOISERS = ("unet", "transformer")
+
+
+class PipelineLoadError(RuntimeError):
+    """A checkpoint folder could not be loaded as a pipeline.
+
+    ``checkpoint`` is the folder's last path component (never the full host path, which
+    would leak into client-facing errors); ``reason`` says what went wrong.
+    ``out_of_memory`` is True when the load failed for lack of device or host memory, so
+    that callers can free memory and retry (see :func:`is_out_of_memory`).
+    """
+
+    def __init__(self, checkpoint: str, reason: str, *, out_of_memory: bool = False):
+        self.checkpoint = checkpoint
+        self.reason = reason
+        self.out_of_memory = out_of_memory
+        super().__init__(f"cannot load checkpoint {checkpoint!r}: {reason}")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for ``"float16"``, ``"bfloat16"`` or ``"float32"``; ValueError otherwise."""
+    try:
+        return _DTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _denoiser_name(path: Path) -> str:
+    """``unet`` or ``transformer``, whichever component model_index.json declares."""
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    for name in _DENOISERS:
+        if isinstance(index.get(name), list) and index[name][0] is not None:
+            return name
+    raise ValueError(f"model_index.json declares no denoiser (none of {', '.join(_DENOISERS)}) to quantize")
+
+
+def _quantization_config(path: Path, quantization: str, dtype: torch.dtype) -> Any:
+    """A diffusers PipelineQuantizationConfig for the denoiser only, or None for ``"none"``."""
+    if quantization == "none":
+        return None
+    from diffusers import PipelineQuantizationConfig
+
+    if quantization == "int8":
+        quant_kwargs: dict[str, Any] = {"load_in_8bit": True}
+    else:
+        quant_kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype}
+    return PipelineQuantizationConfig(
+        quant_backend=_QUANT_BACKENDS[quantization],
+        quant_kwargs=quant_kwargs,
+        components_to_quantize=[_denoiser_name(path)],
+    )
+
+
+def _safetensors_mappings() -> list[tuple[int, int]] | None:
+    """Address ranges of ``*.safetensors`` files mapped into this process.
+
+    None where ``/proc/self/maps`` cannot be read (not Linux): callers must then assume any
+    CPU tensor may be file-backed.
+    """
+    ranges = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n").endswith(".safetensors"):
+                    start, end = fields[0].split("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return None
+    return ranges
+
+
+def file_backed_tensors(module: torch.nn.Module) -> int:
+    """How many parameters/buffers of ``module`` point into a mapped safetensors file.
+
+    Linux only (reads ``/proc/self/maps``); returns -1 where that cannot be checked.
+    """
+    ranges = _safetensors_mappings()
+    if ranges is None:
+        return -1
+    return sum(1 for t in _tensors(module) if t.device.type == "cpu" and _in_ranges(t, ranges))
+
+
+def _in_ranges(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(start <= ptr < end for start, end in ranges)
+
+
+def _tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Each parameter and buffer of ``module`` once (shared Parameter objects deduplicated)."""
+    seen: set[int] = set()
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
+
+
+def _rehome(tensors: list[torch.Tensor], make_storage: Callable[[torch.UntypedStorage], torch.UntypedStorage]) -> None:
+    """Point each tensor at a new storage made from its old one, in place (``.data``).
+
+    Tensors that shared a storage share the new one: tied weights stay tied. Parameter
+    objects keep their identity, so optimizers, hooks and module attributes stay valid.
+    """
+    fresh: dict[tuple[str, int], torch.UntypedStorage] = {}
+    for t in tensors:
+        old = t.untyped_storage()
+        key = (str(old.device), old.data_ptr())
+        if key not in fresh:
+            fresh[key] = make_storage(old)
+        view = torch.empty(0, dtype=t.dtype, device=fresh[key].device)
+        view.set_(fresh[key], t.storage_offset(), t.size(), t.stride())
+        t.data = view
+
+
+def _materialize(pipe: Any) -> None:
+    """Copy into private memory every CPU tensor that is still backed by a safetensors mmap.
+
+    diffusers honours ``disable_mmap`` for its own models, but transformers components
+    (text encoders) are loaded mmap-backed regardless, so they are copied here.
+    """
+    ranges = _safetensors_mappings()
+    for module in module_components(pipe).values():
+        backed = [t for t in _tensors(module) if t.device.type == "cpu" and (ranges is None or _in_ranges(t, ranges))]
+        if backed:
+            _rehome(backed, lambda s: s.clone())
+
+
+def _redact(text: str, path: Path) -> str:
+    """``text`` with the folder's host path replaced by its last component."""
+    for form in {str(path.resolve()), str(path.absolute()), str(path)}:
+        text = text.replace(form, path.name)
+    return text
+
+
+def load_pipeline(path: Path, *, dtype: str, quantization: str = "none", device: str = "cpu") -> Any:
+    """Load the diffusers pipeline in folder ``path`` onto ``device``.
+
+    Safetensors only, local files only, no remote code. ``quantization`` is ``"none"``,
+    ``"int8"`` or ``"nf4"`` (bitsandbytes, denoiser only; bitsandbytes needs a CUDA GPU,
+    so on a CPU-only host these fail with PipelineLoadError). Every tensor left on CPU is
+    materialized (not mmap-backed by the file).
+
+    Raises ValueError for a bad ``dtype``/``quantization`` argument and PipelineLoadError
+    (naming only the folder's last path component) for any failure to load. A failed load
+    keeps no reference to what was partially loaded: the error is raised outside the
+    handler, so it carries no traceback of the loading frames.
+    """
+    dt = torch_dtype(dtype)
+    if quantization != "none" and quantization not in _QUANT_BACKENDS:
+        raise ValueError(f"quantization must be one of {['none', *_QUANT_BACKENDS]}, got {quantization!r}")
+    path = Path(path)
+    # Checked up front: a missing folder would otherwise be tried as a hub repo id (in the
+    # local hub cache), which could load something other than what was registered.
+    if not (path / "model_index.json").is_file():
+        raise PipelineLoadError(path.name, "no model_index.json in the folder (missing, or not a diffusers pipeline)")
+
+    from diffusers import DiffusionPipeline
+
+    pipe = None
+    failure: tuple[str, bool] | None = None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(path),
+            dtype=dt,  # diffusers 0.42 deprecates the torch_dtype spelling
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
+            disable_mmap=True,
+            quantization_config=_quantization_config(path, quantization, dt),
+        )
+        _materialize(pipe)
+        if device != "cpu":
+            move_pipeline(pipe, device)
+    except Exception as exc:  # noqa: BLE001 - every load failure becomes a PipelineLoadError
+        failure = (_redact(f"{type(exc).__name__}: {exc}", path), is_out_of_memory(exc))
+    if failure is not None:
+        # Outside the except block, so that the new error has no __context__ holding the
+        # old traceback (whose frames hold the partially loaded modules).
+        pipe = None
+        empty_device_cache()
+        raise PipelineLoadError(path.name, failure[0], out_of_memory=failure[1])
+    return pipe
+
+
+# ---- inspection and movement -----------------------------------------------------------------
+def module_components(pipe: Any) -> dict[str, torch.nn.Module]:
+    """The pipeline's components that are ``torch.nn.Module`` s (denoiser, VAE, encoders)."""
+    return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
+def measure_bytes(pipe: Any, device: str | None = None) -> dict[str, int]:
+    """Bytes of parameters + buffers per module component, each storage counted once.
+
+    ``device`` (``"cpu"``/``"cuda"``, a device type) restricts the count to tensors there.
+    A storage shared by two components is counted in the first one only. Caveats: counts
+    whole storages (a view of a larger tensor counts the larger one), and misses tensors
+    that are neither parameters nor buffers (e.g. bitsandbytes quantization state).
+    """
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, int] = {}
+    for name, module in module_components(pipe).items():
+        total = 0
+        for t in _tensors(module):
+            if t.device.type == "meta" or (device is not None and t.device.type != device):
+                continue
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        out[name] = total
+    return out
+
+
+def move_pipeline(pipe: Any, device: str, *, pin_host_memory: bool = False) -> None:
+    """Move every module component to ``device``.
+
+    With ``device="cpu"`` and ``pin_host_memory=True``, parameters and buffers are then put
+    in page-locked memory so that moving back to the GPU is faster; ignored without CUDA
+    (pinning needs a CUDA context). Pinned memory cannot be swapped out: size the host
+    budget accordingly.
+    """
+    for module in module_components(pipe).values():
+        module.to(device)
+        if device == "cpu" and pin_host_memory and torch.cuda.is_available():
+            unpinned = [t for t in _tensors(module) if t.device.type == "cpu" and not t.is_pinned()]
+            if unpinned:
+                _rehome(unpinned, lambda s: s.pin_memory())
+
+
+# ---- freeing ---------------------------------------------------------------------------------
+class LeakTracker:
+    """Watches modules of freed pipelines, to count those that stay alive (leaks).
+
+    Holds weak references only, so watching never keeps anything alive. Thread-safe.
+    Caveat: a module is "leaked" only if it is still alive when :meth:`leaked` runs; track
+    pipelines just before freeing them, not while they are in use.
+    """
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref] = []
+        self._lock = threading.Lock()
+
+    def track(self, pipe: Any) -> None:
+        """Watch every module (each component and all its submodules) of ``pipe``."""
+        refs = [weakref.ref(m) for c in module_components(pipe).values() for m in c.modules()]
+        with self._lock:
+            self._refs.extend(refs)
+
+    def leaked(self) -> int:
+        """Run gc, forget modules that died, and return how many watched modules are alive."""
+        gc.collect()
+        with self._lock:
+            self._refs = [r for r in self._refs if r() is not None]
+            return len(self._refs)
+
+    def tracked(self) -> int:
+        """How many modules are being watched (not yet seen dead by :meth:`leaked`)."""
+        with self._lock:
+            return len(self._refs)
+
+
+def free_pipeline(pipe: Any, tracker: LeakTracker | None) -> None:
+    """Release ``pipe``'s modules: remove accelerate hooks, track, unlink components, gc.
+
+    Afterwards ``pipe`` is an empty shell (its components are None) and the modules are
+    gone unless something else still refers to them, which ``tracker`` then reports.
+    """
+    components = module_components(pipe)
+    if hasattr(pipe, "remove_all_hooks"):
+        pipe.remove_all_hooks()
+    try:
+        from accelerate.hooks import remove_hook_from_module
+    except ImportError:  # accelerate absent: no hooks can have been added either
+        remove_hook_from_module = None
+    if remove_hook_from_module is not None:
+        for module in components.values():
+            remove_hook_from_module(module, recurse=True)
+    if tracker is not None:
+        tracker.track(pipe)
+    for name in list(pipe.components):
+        setattr(pipe, name, None)
+    del components
+    empty_device_cache()
+
+
+def empty_device_cache() -> None:
+    """gc, then return the CUDA caching allocator's free blocks to the driver (if CUDA)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means "out of device or host memory" (worth freeing and retrying)."""
+    if isinstance(exc, PipelineLoadError):
+        return exc.out_of_memory
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # Some allocators report as plain RuntimeError (cuBLAS/cuDNN init, CPU allocator).
+    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
+
+
+# ---- running ---------------------------------------------------------------------------------
+def run_pipeline(
+    pipe: Any,
+    *,
+    prompt: str,
+    negative_prompt: str | None = None,
+    width: int,
+    height: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+    num_images: int,
+    device: str = "cpu",
+) -> list[Any]:
+    """Generate ``num_images`` PIL images for ``prompt``.
+
+    The noise comes from a CPU ``torch.Generator`` seeded with ``seed``, so a seed gives the
+    same starting noise on any replica or device (pixels may still differ slightly between
+    CPU and GPU arithmetic). ``device`` is where the pipeline is expected to be; a mismatch
+    raises RuntimeError, since running an offloaded pipeline would be a cache bug.
+    """
+    if pipe.device.type != torch.device(device).type:
+        raise RuntimeError(f"run_pipeline: pipeline is on {pipe.device.type}, expected {device}")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.inference_mode():
+        result = pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images,
+            generator=generator,
+            output_type="pil",
+        )
+    return list(result.images)
+
+
+# ---- CUDA facts ------------------------------------------------------------------------------
+def cuda_device_info() -> tuple[str, int] | None:
+    """(name, total memory in bytes) of the current CUDA device, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.name, int(props.total_memory)
+
+
+def cuda_memory_bytes() -> dict[str, int] | None:
+    """``{free, total, reserved, allocated}`` bytes of the current CUDA device; None without CUDA.
+
+    ``free``/``total`` come from the driver (all processes); ``reserved``/``allocated`` are
+    this process's caching allocator.
+    """
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "free": int(free),
+        "total": int(total),
+        "reserved": int(torch.cuda.memory_reserved()),
+        "allocated": int(torch.cuda.memory_allocated()),
+    }

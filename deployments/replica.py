@@ -1,0 +1,247 @@
+"""ModelReplica: one per GPU. Owns a PipelineCache sized by the hardware profile.
+
+Runs one pipeline at a time (acquire -> run -> release under a semaphore): a GPU gains
+little from concurrent diffusion runs and the budget stays predictable; queued requests
+wait here (bounded by ``max_ongoing_requests``) and show up as queue length to the router.
+
+Errors are returned, not raised, as ``{"error": {"code", "message"}, "status": N}`` so that
+the ingress maps them to HTTP statuses without depending on how Ray wraps exceptions.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from ray import serve
+
+from deployments import pipelines
+from deployments.backend import TorchBackend
+from deployments.cache import CacheConfig, CacheReport, PipelineCache, Shortfall
+from deployments.config import AppConfig
+from deployments.metrics import ReplicaMetrics
+from router import profiles
+from router.api import ResolvedRequest
+from router.estimator import EstimateError, Estimator
+from router.registry import UnknownCheckpointError
+
+log = logging.getLogger("memrouter.replica")
+
+TIMELINE_SAMPLES = 4096
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo, else total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"status": status, "error": {"code": code, "message": message}, **extra}
+
+
+def encode_png(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class ModelReplica:
+    """The GPU-side deployment. ``config`` is the app's args (validated as AppConfig)."""
+
+    def __init__(self, config: dict[str, Any]):
+        cfg = AppConfig.model_validate(config)
+        self._settings = cfg.replica
+        self._registry = cfg.load_registry()
+        cuda = pipelines.cuda_device_info()
+        self.profile = profiles.resolve(
+            cfg.replica.profile, cuda_device=cuda, available_ram_bytes=available_ram_bytes(),
+            cpu_budget_bytes=cfg.replica.cpu_budget_bytes, overrides=cfg.replica.profile_overrides,
+        )
+        self.device = "cuda" if cuda is not None and self.profile.is_cuda else "cpu"
+        self._backend = TorchBackend(self._registry, default_dtype=self.profile.default_dtype, device=self.device)
+        self.cache = PipelineCache(
+            CacheConfig(
+                device_budget_bytes=self.profile.device_budget_bytes,
+                host_budget_bytes=self.profile.host_budget_bytes,
+                idle_offload_s=self.profile.idle_offload_s,
+                idle_release_s=self.profile.idle_release_s,
+                max_resident=self.profile.max_resident_pipelines,
+                host_tier=self.device == "cuda",
+            ),
+            self._backend,
+        )
+        self._estimator = Estimator()
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (component tests)
+            self.replica_id = f"local-{os.getpid()}"
+        self._run_slot = threading.Semaphore(1)
+        self._timeline: collections.deque = collections.deque(maxlen=TIMELINE_SAMPLES)
+        self._metrics = ReplicaMetrics(self.replica_id)
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._idle_loop, name="memrouter-idle", daemon=True)
+        self._monitor.start()
+        self._sample("start")
+        log.info("replica %s: profile %s, device %s, budget %d bytes", self.replica_id, self.profile.name,
+                 self.device, self.profile.device_budget_bytes)
+
+    # ---- background --------------------------------------------------------------------------
+    def _idle_loop(self) -> None:
+        while not self._stop.wait(self._settings.idle_check_period_s):
+            try:
+                if self.cache.tick():
+                    self._sample("idle")
+            except Exception:  # keep the monitor alive; the next round retries
+                log.exception("idle monitor round failed")
+
+    def _sample(self, event: str) -> CacheReport:
+        rep = self.cache.report()
+        self._timeline.append((time.time(), rep.device_used_bytes, rep.host_used_bytes, event))
+        return rep
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run one resolved request (``ResolvedRequest`` fields + ``sent_at_s``)."""
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self._generate_sync, request)
+
+    def _generate_sync(self, request: dict[str, Any]) -> dict[str, Any]:
+        sent_at_s = float(request.get("sent_at_s", time.time()))
+        req = ResolvedRequest.model_validate({k: v for k, v in request.items() if k != "sent_at_s"})
+        try:
+            spec = self._registry.get(req.checkpoint)
+            dtype = self._backend.dtype_for(req.checkpoint)
+            est = self._estimator.estimate(spec, dtype=dtype, width=req.width, height=req.height, batch=req.num_images)
+        except UnknownCheckpointError as exc:
+            return error(404, "unknown_checkpoint", str(exc))
+        except EstimateError as exc:
+            return error(500, "checkpoint_unreadable", str(exc))
+        with self._run_slot:
+            started_s = time.time()
+            for attempt in (1, 2):
+                try:
+                    return self._run_once(req, est, queue_ms=(started_s - sent_at_s) * 1000)
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    if not pipelines.is_out_of_memory(exc):
+                        if isinstance(exc, pipelines.PipelineLoadError):
+                            return error(500, "checkpoint_load_failed", str(exc))
+                        log.exception("generate failed for %s", req.checkpoint)
+                        return error(500, "inference_failed", f"{type(exc).__name__} while running {req.checkpoint!r}")
+                    # Out of memory: free the allocator cache and every idle entry, retry once.
+                    self.cache.record_oom_recovery()
+                    self.cache.offload()
+                    pipelines.empty_device_cache()
+                    self._sample("oom")
+                    if attempt == 2:
+                        return error(503, "out_of_memory", f"out of device memory for {req.checkpoint!r} after freeing idle "
+                                     "pipelines and retrying once", retry_after_s=5)
+        raise AssertionError("unreachable: this is a bug")
+
+    def _run_once(self, req: ResolvedRequest, est: Any, *, queue_ms: float) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        lease = self.cache.acquire(req.checkpoint, weights_bytes=est.weights_bytes, workspace_bytes=est.workspace_bytes,
+                                   offloadable=self._backend.offloadable(req.checkpoint))
+        if isinstance(lease, Shortfall):
+            self._sample("shortfall")
+            status = 413 if lease.permanent else 503
+            code = "exceeds_replica_budget" if lease.permanent else "replica_busy"
+            return error(status, code, lease.message(), need_bytes=lease.need_bytes, budget_bytes=lease.budget_bytes,
+                         retry_after_s=None if lease.permanent else 1)
+        load_ms = (time.perf_counter() - t0) * 1000
+        if lease.served_from.value != "device":
+            self._metrics.load_seconds(load_ms / 1000, lease.served_from.value)
+        self._sample(f"acquire:{req.checkpoint}")
+        with lease:
+            t1 = time.perf_counter()
+            images = pipelines.run_pipeline(
+                lease.obj.pipe, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
+                height=req.height, num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                seed=req.seed, num_images=req.num_images, device=self.device,
+            )
+            inference_ms = (time.perf_counter() - t1) * 1000
+        self._sample(f"release:{req.checkpoint}")
+        return {
+            "status": 200,
+            "images": [encode_png(im) for im in images],
+            "checkpoint": req.checkpoint,
+            "replica": self.replica_id,
+            "served_from": lease.served_from.value,
+            "timings_ms": {"queue": round(queue_ms, 3), "load": round(load_ms, 3), "inference": round(inference_ms, 3)},
+            "estimate_bytes": est.total_bytes,
+            "seed": req.seed,
+        }
+
+    # ---- reports and admin -------------------------------------------------------------------
+    def memory_report(self) -> dict[str, Any]:
+        """The replica report (JSON-serializable); see DESIGN.md."""
+        rep = self.cache.report()
+        cuda = pipelines.cuda_memory_bytes()
+        return {
+            "replica_id": self.replica_id,
+            "profile": self.profile.name,
+            "device": self.device,
+            "default_dtype": self.profile.default_dtype,
+            "max_resident": self.profile.max_resident_pipelines,
+            "device_total_bytes": self.profile.total_bytes,
+            "device_budget_bytes": rep.device_budget_bytes,
+            "device_used_bytes": rep.device_used_bytes,
+            "device_free_bytes": rep.device_free_bytes,
+            "workspace_in_flight_bytes": rep.workspace_in_flight_bytes,
+            "host_budget_bytes": rep.host_budget_bytes,
+            "host_used_bytes": rep.host_used_bytes,
+            "entries": [
+                {"name": e.name, "tier": e.tier, "bytes": e.bytes, "estimate_bytes": e.estimate_bytes,
+                 "idle_s": e.idle_s, "in_use": e.in_use}
+                for e in rep.entries
+            ],
+            "in_flight": rep.in_flight,
+            "counters": rep.counters,
+            "leaked_modules": rep.leaked_modules,
+            "cuda": cuda,
+            "timestamp_s": time.time(),
+        }
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Serve every ``request_routing_stats_period_s``; feeds the request router."""
+        report = self.memory_report()
+        self._metrics.observe(report)
+        return report
+
+    async def report(self, timeline: bool = False) -> dict[str, Any]:
+        rep = self.memory_report()
+        if timeline:
+            rep["timeline"] = list(self._timeline)
+        return rep
+
+    async def offload(self, checkpoint: str | None = None) -> dict[str, Any]:
+        names = self.cache.offload(checkpoint)
+        self._sample("admin-offload")
+        return {"replica": self.replica_id, "offloaded": names}
+
+    async def release(self, checkpoint: str | None = None) -> dict[str, Any]:
+        names = self.cache.release(checkpoint)
+        self._sample("admin-release")
+        return {"replica": self.replica_id, "released": names}
+
+    def shutdown(self) -> None:
+        """Stop the idle monitor and free every pipeline (outside Serve; Serve calls __del__)."""
+        self._stop.set()
+        self._monitor.join(timeout=5)
+        self.cache.release()
+
+    def __del__(self) -> None:
+        self._stop.set()

@@ -1,0 +1,139 @@
+"""Request and response models shared by HTTP and the Python DeploymentHandle.
+
+Field names follow diffusers' pipeline parameters. Limits here are the service-wide hard
+caps; each checkpoint's own limits (registry) are checked by :func:`resolve_request`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from router.registry import CheckpointSpec
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    """``POST /v1/generate`` body and ``handle.generate.remote(...)`` argument."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    checkpoint: str = Field(min_length=1, max_length=64, description="A registry name (see GET /v1/checkpoints).")
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8, description="Pixels; default per checkpoint.")
+    height: int | None = Field(default=None, ge=8, le=8192, multiple_of=8, description="Pixels; default per checkpoint.")
+    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed, same image, on any replica.")
+    num_images: int = Field(default=1, ge=1, le=16)
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\x00" in v:
+            raise ValueError("must not contain NUL characters")
+        return v
+
+
+class ResolvedRequest(BaseModel):
+    """A request with every default filled in and checked against its checkpoint's limits."""
+
+    model_config = ConfigDict(frozen=True)
+
+    checkpoint: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+
+
+class RequestLimitError(ValueError):
+    """A field exceeds the checkpoint's registry limits; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+def resolve_request(req: GenerateRequest, spec: CheckpointSpec, *, default_seed: int) -> ResolvedRequest:
+    """Fill defaults from the checkpoint and enforce its limits (RequestLimitError names the field)."""
+    width = req.width or spec.width
+    height = req.height or spec.height
+    steps = req.num_inference_steps or spec.steps
+    for field, value, cap in (
+        ("width", width, spec.max_width), ("height", height, spec.max_height),
+        ("num_inference_steps", steps, spec.max_steps), ("num_images", req.num_images, spec.max_batch),
+    ):
+        if value > cap:
+            raise RequestLimitError(field, f"{value} exceeds the limit {cap} for checkpoint {spec.name!r}")
+    return ResolvedRequest(
+        checkpoint=spec.name, prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height,
+        num_inference_steps=steps, guidance_scale=req.guidance_scale,
+        seed=default_seed if req.seed is None else req.seed, num_images=req.num_images,
+    )
+
+
+class Timings(BaseModel):
+    queue: float = Field(description="ms from the router sending to the replica starting")
+    load: float = Field(description="ms spent loading or reloading the pipeline (0 on a hit)")
+    inference: float
+    total: float = Field(description="ms from the router receiving the request to the answer")
+
+
+ServedFrom = Literal["device", "host", "disk"]
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="base64-encoded PNG images")
+    checkpoint: str
+    replica: str
+    served_from: ServedFrom
+    timings_ms: Timings
+    estimate_bytes: int
+    seed: int
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class AdminRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str | None = Field(default=None, max_length=64, description="One checkpoint, or all when omitted.")
+
+
+class CheckpointInfo(BaseModel):
+    name: str
+    dtype: str
+    quantization: str
+    family: str
+    weights_bytes: int
+    workspace_bytes: int
+    total_bytes: int
+    default_width: int
+    default_height: int
+    max_width: int
+    max_height: int
+    max_steps: int
+    max_batch: int

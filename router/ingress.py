@@ -1,0 +1,244 @@
+"""The Router deployment: HTTP (FastAPI) and Python-handle ingress.
+
+validate -> resolve the name in the registry -> estimate -> admission -> forward to the
+ModelReplica deployment through a DeploymentHandle whose memory-aware RequestRouter
+(router/request_router.py) picks the replica.
+
+Both entry points share :meth:`RouterIngress._generate`; the handle method raises
+:class:`ServiceError` where HTTP answers ``{"error": {"code", "message"}}`` with a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.config import AppConfig
+from router.api import (AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse,
+                        RequestLimitError, resolve_request)
+from router.estimator import TARGET_DTYPE_BYTES, EstimateError, Estimator
+from router.placement import Need
+from router.registry import CheckpointSpec, Dtype, UnknownCheckpointError
+from router.request_router import ReportBoard
+
+log = logging.getLogger("memrouter.ingress")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 415, 422, 503, 504)
+}
+
+
+class ServiceError(Exception):
+    """An error answer: ``status`` is the HTTP status the same failure gets over HTTP."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None):
+        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+        super().__init__(f"{status} {code}: {message}")
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return (ServiceError, (self.status, self.code, self.message, self.retry_after_s))
+
+
+def error_json(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, int(retry_after_s)))} if retry_after_s else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _field_of(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    return ".".join(loc) or "body"
+
+
+app = FastAPI(
+    title="memrouter",
+    version="0.1.0",
+    description="Memory-aware multi-model router for diffusers pipelines on Ray Serve.",
+)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    for e in exc.errors()[:10]:
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "json_invalid":
+            problems.append("body: malformed JSON")
+        else:
+            problems.append(f"{_field_of(e)}: {msg}")
+    return error_json(422, "invalid_request", "; ".join(problems))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+    return error_json(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+
+
+@app.exception_handler(ServiceError)
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return error_json(exc.status, exc.code, exc.message, exc.retry_after_s)
+
+
+@serve.ingress(app)
+class RouterIngress:
+    """The ingress deployment class; ``replicas`` is the ModelReplica deployment handle."""
+
+    def __init__(self, replicas: DeploymentHandle, config: dict[str, Any]):
+        cfg = AppConfig.model_validate(config)
+        self._settings = cfg.ingress
+        self._registry = cfg.load_registry()
+        self._estimator = Estimator()
+        self._replicas = replicas
+        self._replica_deployment = "ModelReplica"
+        self._token = os.environ.get(cfg.ingress.admin_token_env) or None
+        self._token_env = cfg.ingress.admin_token_env
+
+    # ---- shared core -------------------------------------------------------------------------
+    def _need(self, spec: CheckpointSpec, width: int, height: int, batch: int) -> Need:
+        """Estimates at each dtype a replica might use (its profile default when auto)."""
+        dtypes = list(TARGET_DTYPE_BYTES) if spec.dtype is Dtype.AUTO else [spec.dtype.value]
+        weights, workspace = {}, {}
+        for d in dtypes:
+            est = self._estimator.estimate(spec, dtype=d, width=width, height=height, batch=batch)
+            weights[d], workspace[d] = est.weights_bytes, est.workspace_bytes
+        if spec.dtype is not Dtype.AUTO:  # every replica serves it at the spec's dtype
+            weights = dict.fromkeys(TARGET_DTYPE_BYTES, weights[dtypes[0]])
+            workspace = dict.fromkeys(TARGET_DTYPE_BYTES, workspace[dtypes[0]])
+        return Need(spec.name, weights, workspace)
+
+    def _admit(self, need: Need) -> None:
+        """Refuse, before any load, a request that fits no replica's budget (413 with numbers)."""
+        reports = ReportBoard.reports(self._replica_deployment)
+        if not reports:
+            return  # startup: no reports yet; the replica's cache still refuses what cannot fit
+        fits, largest = False, (0, 0)
+        for r in reports.values():
+            w, ws = need.at(r["default_dtype"])
+            largest = max(largest, (r["device_budget_bytes"], w + ws))
+            fits = fits or w + ws <= r["device_budget_bytes"]
+        if not fits:
+            raise ServiceError(413, "exceeds_every_budget",
+                               f"checkpoint {need.checkpoint!r} needs an estimated {largest[1]} bytes (weights + workspace "
+                               f"for this request shape) but the largest replica budget is {largest[0]} bytes")
+
+    async def _generate(self, req: GenerateRequest) -> GenerateResponse:
+        received_s = time.time()
+        try:
+            spec = self._registry.get(req.checkpoint)
+        except UnknownCheckpointError as exc:
+            raise ServiceError(404, "unknown_checkpoint", str(exc)) from None
+        try:
+            resolved = resolve_request(req, spec, default_seed=secrets.randbelow(2**31))
+        except RequestLimitError as exc:
+            raise ServiceError(422, "invalid_request", str(exc)) from None
+        try:
+            need = self._need(spec, resolved.width, resolved.height, resolved.num_images)
+        except EstimateError as exc:
+            raise ServiceError(500, "checkpoint_unreadable", str(exc)) from None
+        self._admit(need)
+        payload = resolved.model_dump() | {"sent_at_s": time.time()}
+        try:
+            result = await asyncio.wait_for(
+                self._replicas.generate.remote(payload, need), timeout=self._settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ServiceError(504, "timeout", f"no answer within {self._settings.request_timeout_s} s") from None
+        except Exception as exc:  # noqa: BLE001 - Ray's errors: replica died, backpressure, ...
+            name = type(exc).__name__
+            log.warning("replica call failed: %s: %s", name, exc)
+            if "BackPressure" in name:
+                raise ServiceError(503, "overloaded", "too many requests queued; retry later", 1) from None
+            raise ServiceError(503, "replica_unavailable", f"the replica failed ({name}); retry", 1) from None
+        status = result.get("status", 500)
+        if status != 200:
+            err = result["error"]
+            raise ServiceError(status, err["code"], err["message"], result.get("retry_after_s"))
+        result = {k: v for k, v in result.items() if k != "status"}
+        result["timings_ms"]["total"] = round((time.time() - received_s) * 1000, 3)
+        return GenerateResponse.model_validate(result)
+
+    # ---- Python handle API -------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """``handle.generate.remote(GenerateRequest(...))``; raises :class:`ServiceError`."""
+        if not isinstance(request, GenerateRequest):
+            request = GenerateRequest.model_validate(request)
+        return await self._generate(request)
+
+    # ---- HTTP --------------------------------------------------------------------------------
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)
+    async def http_generate(self, body: GenerateRequest) -> GenerateResponse:
+        """Generate images with a registered checkpoint."""
+        return await self._generate(body)
+
+    @app.get("/v1/checkpoints", response_model=list[CheckpointInfo])
+    async def http_checkpoints(self) -> list[CheckpointInfo]:
+        """The registry, each checkpoint with its estimate at its default request shape."""
+        reports = ReportBoard.reports(self._replica_deployment)
+        default_dtype = next((r["default_dtype"] for r in reports.values()), "float16")
+        out = []
+        for spec in self._registry:
+            dtype = default_dtype if spec.dtype is Dtype.AUTO else spec.dtype.value
+            est = self._estimator.estimate(spec, dtype=dtype, width=spec.width, height=spec.height)
+            out.append(CheckpointInfo(
+                name=spec.name, dtype=dtype, quantization=spec.quantization.value, family=est.family,
+                weights_bytes=est.weights_bytes, workspace_bytes=est.workspace_bytes, total_bytes=est.total_bytes,
+                default_width=spec.width, default_height=spec.height, max_width=spec.max_width,
+                max_height=spec.max_height, max_steps=spec.max_steps, max_batch=spec.max_batch,
+            ))
+        return out
+
+    @app.get("/v1/status")
+    async def http_status(self) -> dict[str, Any]:
+        """Every replica's latest memory report plus totals."""
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        reports = sorted(ReportBoard.reports(self._replica_deployment).values(), key=lambda r: r["replica_id"])
+        keys = ("device_budget_bytes", "device_used_bytes", "host_used_bytes", "leaked_modules", "in_flight")
+        totals = {k: sum(r[k] for r in reports) for k in keys}
+        totals["replicas"] = len(reports)
+        return {"replicas": reports, "totals": totals}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    # ---- admin -------------------------------------------------------------------------------
+    def _check_admin(self, request: Request) -> None:
+        if self._token is None:
+            raise ServiceError(403, "admin_disabled", f"admin routes are off: set the {self._token_env} environment variable")
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self._token.encode()):
+            raise ServiceError(401, "unauthorized", "admin routes need 'Authorization: Bearer <token>'")
+
+    async def _admin(self, method: str, body: AdminRequest) -> dict[str, Any]:
+        if body.checkpoint is not None and body.checkpoint not in self._registry:
+            raise ServiceError(404, "unknown_checkpoint", f"unknown checkpoint {body.checkpoint[:64]!r}")
+        targets = sorted(ReportBoard.reports(self._replica_deployment))
+        calls = [getattr(self._replicas, method).remote(body.checkpoint, _target_replica=rid) for rid in targets]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return {"replicas": [r if not isinstance(r, BaseException) else {"error": type(r).__name__} for r in results]}
+
+    @app.post("/v1/admin/offload", responses=ERROR_RESPONSES)
+    async def http_offload(self, body: AdminRequest, request: Request) -> dict[str, Any]:
+        """Move idle pipelines (one checkpoint or all) off every replica's device."""
+        self._check_admin(request)
+        return await self._admin("offload", body)
+
+    @app.post("/v1/admin/release", responses=ERROR_RESPONSES)
+    async def http_release(self, body: AdminRequest, request: Request) -> dict[str, Any]:
+        """Free idle pipelines (one checkpoint or all) on every replica."""
+        self._check_admin(request)
+        return await self._admin("release", body)

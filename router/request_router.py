@@ -1,0 +1,158 @@
+"""MemoryAwareRequestRouter: the Ray Serve RequestRouter shell around router/placement.py.
+
+Configured on the ModelReplica deployment (``request_router_config``); Ray instantiates it
+inside every caller's process (here: the Router ingress replica) and runs it on that
+process's router event loop, so nothing here may block.
+
+- ``choose_replicas`` reads the placement need from the call's arguments
+  (``generate(payload, need)``), overlays the ledger on each replica's last report and
+  returns one rank per replica, best first: Ray's base class then sends to the first one
+  with queue room (below ``max_ongoing_requests``), else the next.
+- Calls without a need (reports, admin) go to ``_target_replica`` when given, else to all
+  replicas in one rank (least queue length wins), which is also the fallback before the
+  first reports arrive.
+- Reports arrive through ``update_replicas`` (Ray's long-poll broadcast of routing stats);
+  they also fill :class:`ReportBoard`, which the ingress reads for ``/v1/status``.
+
+Caveat (Ray 2.60 alpha API): ``internal_request_id`` is shared by every child call of one
+ingress request, so concurrent child calls of one request must not rely on it; the
+ingress sends at most one generate call at a time per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Optional
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from router.ledger import Ledger
+from router.placement import EntryView, Need, ReplicaView, rank
+
+log = logging.getLogger("memrouter.request_router")
+
+
+class ReportBoard:
+    """Latest replica reports seen by this process's routers, by deployment name.
+
+    Process-local on purpose: Ray constructs the router itself (no way to hand it an
+    object), and the ingress in the same process needs the same reports for /v1/status.
+    """
+
+    _lock = threading.Lock()
+    _reports: dict[str, dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def publish(cls, deployment: str, reports: dict[str, dict[str, Any]]) -> None:
+        with cls._lock:
+            cls._reports[deployment] = dict(reports)
+
+    @classmethod
+    def reports(cls, deployment: str) -> dict[str, dict[str, Any]]:
+        with cls._lock:
+            return dict(cls._reports.get(deployment, {}))
+
+
+def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) -> ReplicaView:
+    entries = {
+        e["name"]: EntryView(e["tier"], int(e["bytes"]), float(e["idle_s"]), int(e["in_use"]))
+        for e in report.get("entries", ())
+    }
+    return ReplicaView(
+        replica_id=replica_id,
+        budget_bytes=int(report["device_budget_bytes"]),
+        used_bytes=int(report["device_used_bytes"]),
+        default_dtype=str(report["default_dtype"]),
+        entries=entries,
+        queue_len=queue_len,
+        max_resident=int(report.get("max_resident", 1 << 30)),
+    )
+
+
+class MemoryAwareRequestRouter(RequestRouter):
+    def initialize_state(self, spill_queue_len: int = 4, **kwargs: Any) -> None:
+        self._spill_queue_len = int(spill_queue_len)
+        self._ledger = Ledger()
+        self._deployment = self._deployment_id.name
+        self._pending_need: dict[tuple[str, str], Need] = {}
+
+    # ---- Ray hooks ---------------------------------------------------------------------------
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        reports = {}
+        for r in replicas:
+            stats = r.routing_stats
+            if stats:
+                rid = r.replica_id.unique_id
+                reports[rid] = stats
+                self._ledger.report_arrived(rid, float(stats.get("timestamp_s", 0.0)))
+        ReportBoard.publish(self._deployment, reports)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        need = _need_of(pending_request)
+        if need is None:
+            return
+        rid = replica_id.unique_id
+        replica = self.curr_replicas.get(replica_id)
+        dtype = (replica.routing_stats if replica is not None else {}).get("default_dtype", "float16")
+        key = pending_request.metadata.internal_request_id + "@" + rid
+        self._ledger.routed(key, rid, need.checkpoint, weights_bytes=need.at(dtype)[0], now_s=time.time())
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._ledger.completed(internal_request_id + "@" + replica_id.unique_id, now_s=time.time())
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._ledger.replica_gone(replica_id.unique_id)
+        reports = ReportBoard.reports(self._deployment)
+        reports.pop(replica_id.unique_id, None)
+        ReportBoard.publish(self._deployment, reports)
+
+    # ---- routing -----------------------------------------------------------------------------
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None
+    ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Without this, Ray re-calls us in a tight loop while every replica is full.
+            pending_request.routing_context.should_backoff = True
+        target = pending_request.kwargs.get("_target_replica") if pending_request is not None else None
+        if target is not None:
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
+        need = _need_of(pending_request) if pending_request is not None else None
+        if need is None:
+            return [list(candidate_replicas)]
+        return self.rank_for(candidate_replicas, need)
+
+    def rank_for(self, candidates: list[RunningReplica], need: Need) -> list[list[RunningReplica]]:
+        by_id = {r.replica_id.unique_id: r for r in candidates}
+        views, unreported = [], []
+        for rid, r in by_id.items():
+            stats = r.routing_stats
+            if not stats:
+                unreported.append(r)
+                continue
+            queue = self.replica_queue_len_cache.get(r.replica_id)
+            views.append(self._ledger.overlay(view_from_report(rid, stats, queue or 0)))
+        if not views:
+            return [list(candidates)]  # startup: no reports yet -> least queue length
+        placements = rank(views, need, spill_queue_len=self._spill_queue_len)
+        ranks = [[by_id[p.replica_id]] for p in placements]
+        if unreported:
+            ranks.append(unreported)
+        if not ranks:
+            # Fits no replica: send anyway so that a replica answers with the numbers
+            # instead of the request waiting here forever.
+            return [list(candidates)]
+        return ranks
+
+
+def _need_of(pending_request: PendingRequest | None) -> Need | None:
+    if pending_request is None:
+        return None
+    for arg in pending_request.args[1:2]:
+        if isinstance(arg, Need):
+            return arg
+    need = pending_request.kwargs.get("need")
+    return need if isinstance(need, Need) else None

@@ -1,0 +1,174 @@
+"""Component tests for the embedded demo checkpoints (real diffusers folders, CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deployments import demo
+from deployments.demo import (
+    DEMO_CHECKPOINTS,
+    MARKER_NAME,
+    build_demo_checkpoint,
+    default_demo_dir,
+    demo_registry_entries,
+    ensure_demo_checkpoints,
+)
+from deployments.pipelines import load_pipeline, run_pipeline
+
+SPECS = {spec.name: spec for spec in DEMO_CHECKPOINTS}
+NAMES = [spec.name for spec in DEMO_CHECKPOINTS]
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def safetensors_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+def test_names_and_order():
+    assert NAMES == ["demo-xs", "demo-s", "demo-m", "demo-l"]
+
+
+def test_folder_layout(demo_dir):
+    assert set(demo_dir) == set(NAMES)
+    for name, folder in demo_dir.items():
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == "StableDiffusionPipeline"
+        for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            assert (folder / component).is_dir(), f"{name}: no {component}/"
+        for component in ("unet", "vae", "text_encoder"):
+            assert list((folder / component).glob("*.safetensors")), f"{name}: {component} has no safetensors"
+        assert (folder / "tokenizer" / "vocab.json").is_file()
+        assert (folder / "tokenizer" / "merges.txt").read_text().startswith("#version")
+        assert (folder / MARKER_NAME).is_file()
+        assert not [p for p in folder.rglob("*") if p.suffix in {".bin", ".ckpt", ".pt", ".pth", ".pkl"}]
+        text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
+        assert text_config["vocab_size"] == len(vocab)
+        assert text_config["max_position_embeddings"] == 77
+
+
+def test_two_builds_are_byte_identical(demo_dir, tmp_path):
+    # The session fixture is one build (via ensure_demo_checkpoints); this is the second.
+    for name in ("demo-xs", "demo-s"):
+        again = build_demo_checkpoint(SPECS[name], tmp_path / name)
+        first, second = file_hashes(demo_dir[name]), file_hashes(again)
+        assert first.keys() == second.keys()
+        differing = [f for f in first if first[f] != second[f]]
+        assert not differing, f"{name}: files differ between builds: {differing}"
+
+
+def test_each_checkpoint_is_at_least_3x_the_previous(demo_dir):
+    sizes = [safetensors_bytes(demo_dir[name]) for name in NAMES]
+    for (small, big), (a, b) in zip(zip(NAMES, NAMES[1:]), zip(sizes, sizes[1:])):
+        assert b >= 3 * a, f"{big} ({b} bytes) is not >= 3x {small} ({a} bytes)"
+    assert 1_000_000 < sizes[0] < 4_000_000
+    assert 60_000_000 < sizes[-1] < 160_000_000
+
+
+def test_tokenizer_handles_any_prompt(demo_dir):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(demo_dir["demo-xs"] / "tokenizer")
+    assert tok.model_max_length == 77
+    for prompt in ["", "a photo of an astronaut", "ünïcödé 日本語 😀 \t\n tabs", "x" * 500]:
+        ids = tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert len(ids) == 77
+        assert ids[0] == tok.bos_token_id
+    # Byte-level: a word never falls back to the unknown token.
+    inner = tok("héllo wörld 😀").input_ids[1:-1]
+    assert tok.unk_token_id not in inner
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generates_64px_in_2_steps_deterministically(demo_dir, name):
+    pipe = load_pipeline(demo_dir[name], dtype="float32")
+    kwargs = dict(prompt="a red fox in the snow", width=64, height=64, num_inference_steps=2,
+                  guidance_scale=5.0, num_images=1)
+    first = run_pipeline(pipe, seed=7, **kwargs)
+    again = run_pipeline(pipe, seed=7, **kwargs)
+    other = run_pipeline(pipe, seed=8, **kwargs)
+    assert len(first) == 1 and first[0].size == (64, 64) and first[0].mode == "RGB"
+    a, b, c = (np.asarray(im[0]) for im in (first, again, other))
+    assert np.array_equal(a, b), "same seed gave different pixels"
+    assert not np.array_equal(a, c), "different seeds gave identical pixels"
+    assert a.std() > 0, "image is a flat color (NaNs decoded as black?)"
+
+
+def test_ensure_is_idempotent(demo_dir):
+    root = demo_dir["demo-xs"].parent
+    markers = {n: (p / MARKER_NAME).stat().st_mtime_ns for n, p in demo_dir.items()}
+    assert ensure_demo_checkpoints(root) == demo_dir
+    assert {n: (p / MARKER_NAME).stat().st_mtime_ns for n, p in demo_dir.items()} == markers
+
+
+def test_concurrent_ensure_leaves_one_complete_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEMO_CHECKPOINTS", (SPECS["demo-xs"],))
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(ensure_demo_checkpoints(tmp_path))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(r == {"demo-xs": tmp_path / "demo-xs"} for r in results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-xs"], "temp build folders left behind"
+    assert (tmp_path / "demo-xs" / MARKER_NAME).is_file()
+
+
+def test_incomplete_folder_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEMO_CHECKPOINTS", (SPECS["demo-xs"],))
+    stale = tmp_path / "demo-xs"
+    stale.mkdir()
+    (stale / "model_index.json").write_text("{}")  # as if a build died before its marker
+    folders = ensure_demo_checkpoints(tmp_path)
+    assert (folders["demo-xs"] / MARKER_NAME).is_file()
+    assert json.loads((folders["demo-xs"] / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-xs"]
+
+
+def test_build_refuses_non_empty_destination(tmp_path):
+    (tmp_path / "junk").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_demo_checkpoint(SPECS["demo-xs"], tmp_path)
+
+
+def test_default_demo_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMROUTER_DEMO_DIR", str(tmp_path / "here"))
+    assert default_demo_dir() == tmp_path / "here"
+    monkeypatch.delenv("MEMROUTER_DEMO_DIR")
+    assert default_demo_dir() == Path.home() / ".cache" / "memrouter" / "demo-v1"
+
+
+def test_registry_entries_validate(demo_dir):
+    from router.registry import Registry
+
+    root = demo_dir["demo-xs"].parent
+    entries = demo_registry_entries(root)
+    assert [e["name"] for e in entries] == NAMES
+    assert entries[0] == {
+        "name": "demo-xs", "path": str(root / "demo-xs"), "dtype": "float32", "family": "tiny",
+        "max_width": 256, "max_height": 256, "max_batch": 4, "max_steps": 10,
+        "default_width": 64, "default_height": 64, "default_steps": 2,
+    }
+    registry = Registry.from_entries(entries)  # also checks the folders are loadable-safe
+    assert registry.names() == NAMES

@@ -1,0 +1,259 @@
+"""Component tests for deployments/pipelines.py on real (tiny) pipelines from disk, CPU only."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployments import pipelines as P
+
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.fixture
+def xs_copy(demo_dir, tmp_path) -> Path:
+    """A private copy of demo-xs, for tests that damage files."""
+    return Path(shutil.copytree(demo_dir["demo-xs"], tmp_path / "ckpt-xs"))
+
+
+@pytest.fixture
+def xs(demo_dir):
+    return P.load_pipeline(demo_dir["demo-xs"], dtype="float32")
+
+
+def state(pipe) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in P.module_components(pipe).items()}
+
+
+def changed_tensors(pipe, before) -> int:
+    return sum(
+        not torch.equal(v, before[name][k])
+        for name, m in P.module_components(pipe).items()
+        for k, v in m.state_dict().items()
+    )
+
+
+def zero_tensor_data(path: Path) -> None:
+    """Overwrite a safetensors file's tensor bytes with zeros, in place (same inode)."""
+    with open(path, "r+b") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        f.seek(8 + header_len)
+        f.write(b"\0" * (path.stat().st_size - 8 - header_len))
+
+
+def live_models(*types: type) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) in types)
+
+
+# ---- dtype and arguments ---------------------------------------------------------------------
+def test_torch_dtype():
+    assert P.torch_dtype("float16") is torch.float16
+    assert P.torch_dtype("bfloat16") is torch.bfloat16
+    assert P.torch_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        P.torch_dtype("auto")
+
+
+def test_load_rejects_bad_arguments(demo_dir):
+    with pytest.raises(ValueError, match="dtype"):
+        P.load_pipeline(demo_dir["demo-xs"], dtype="fp32")
+    with pytest.raises(ValueError, match="quantization"):
+        P.load_pipeline(demo_dir["demo-xs"], dtype="float32", quantization="int4")
+
+
+def test_missing_folder_is_a_load_error_naming_only_the_folder(tmp_path):
+    with pytest.raises(P.PipelineLoadError, match="no model_index.json") as info:
+        P.load_pipeline(tmp_path / "nowhere", dtype="float32")
+    assert info.value.checkpoint == "nowhere"
+    assert str(tmp_path) not in str(info.value)
+
+
+# ---- loading safely --------------------------------------------------------------------------
+def test_truncated_safetensors_raises_load_error(xs_copy):
+    weights = xs_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(P.PipelineLoadError) as info:
+        P.load_pipeline(xs_copy, dtype="float32")
+    message = str(info.value)
+    assert "'ckpt-xs'" in message
+    assert str(xs_copy.parent) not in message, "host path leaked into the error"
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    assert not info.value.out_of_memory
+
+
+def test_failed_load_keeps_nothing_alive(xs_copy):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    types = (UNet2DConditionModel, AutoencoderKL, CLIPTextModel)
+    before = live_models(*types)
+    # The VAE loads after the text encoder and UNet, so those are built, then dropped.
+    weights = xs_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(P.PipelineLoadError):
+        P.load_pipeline(xs_copy, dtype="float32")
+    assert live_models(*types) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bitsandbytes can load on a GPU")
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_bitsandbytes_without_gpu_is_a_load_error(demo_dir, quantization):
+    with pytest.raises(P.PipelineLoadError, match="demo-xs") as info:
+        P.load_pipeline(demo_dir["demo-xs"], dtype="float16", quantization=quantization)
+    assert "GPU" in info.value.reason
+
+
+def test_loads_in_requested_dtype(demo_dir):
+    pipe = P.load_pipeline(demo_dir["demo-xs"], dtype="bfloat16")
+    for name, module in P.module_components(pipe).items():
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, name
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/maps")
+def test_no_tensor_stays_mmap_backed(xs):
+    for name, module in P.module_components(xs).items():
+        assert P.file_backed_tensors(module) == 0, name
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/maps")
+def test_mmap_check_can_fail(demo_dir):
+    # Negative control: a plain diffusers load does leave weights mapped from the files.
+    from diffusers import DiffusionPipeline
+
+    raw = DiffusionPipeline.from_pretrained(demo_dir["demo-xs"], use_safetensors=True, local_files_only=True)
+    assert sum(P.file_backed_tensors(m) for m in P.module_components(raw).values()) > 0
+
+
+def test_rewriting_files_after_load_changes_nothing(xs_copy):
+    pipe = P.load_pipeline(xs_copy, dtype="float32")
+    before = state(pipe)
+    for weights in xs_copy.rglob("*.safetensors"):
+        zero_tensor_data(weights)  # in place: an mmap would see this
+    assert changed_tensors(pipe, before) == 0
+    for weights in xs_copy.rglob("*.safetensors"):
+        weights.unlink()
+    assert changed_tensors(pipe, before) == 0
+
+
+@pytest.mark.skipif(not LINUX, reason="relies on Linux MAP_PRIVATE showing later file writes")
+def test_rewrite_check_can_fail(xs_copy):
+    # Negative control: the same rewrite does change a plain (mmap-backed) diffusers load.
+    from diffusers import DiffusionPipeline
+
+    raw = DiffusionPipeline.from_pretrained(xs_copy, use_safetensors=True, local_files_only=True)
+    before = state(raw)
+    for weights in xs_copy.rglob("*.safetensors"):
+        zero_tensor_data(weights)
+    assert changed_tensors(raw, before) > 0
+
+
+# ---- measuring and moving --------------------------------------------------------------------
+def test_measure_bytes_counts_unique_tensors(xs):
+    measured = P.measure_bytes(xs)
+    assert set(measured) == {"unet", "vae", "text_encoder"}
+    for name, module in P.module_components(xs).items():
+        unique = {t.data_ptr(): t for t in (*module.parameters(), *module.buffers())}
+        assert measured[name] == sum(t.numel() * t.element_size() for t in unique.values()), name
+    assert P.measure_bytes(xs, "cpu") == measured
+    assert P.measure_bytes(xs, "cuda") == {name: 0 for name in measured}
+
+
+def test_measure_bytes_counts_tied_weights_once():
+    class Pipe:  # only what module_components needs
+        def __init__(self, **components):
+            self.components = components
+
+    a, b = torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)
+    b.weight = a.weight  # tied across components
+    tied = torch.nn.Sequential(a, a)  # the same module twice inside one component
+    measured = P.measure_bytes(Pipe(first=tied, second=b, tokenizer="not a module"))
+    assert measured == {"first": (100 + 10) * 4, "second": 10 * 4}
+
+
+def test_move_to_cpu_keeps_weights(xs):
+    before, measured = state(xs), P.measure_bytes(xs)
+    P.move_pipeline(xs, "cpu", pin_host_memory=True)  # pinning is skipped without CUDA
+    assert changed_tensors(xs, before) == 0
+    assert P.measure_bytes(xs) == measured
+
+
+def test_run_refuses_a_pipeline_on_another_device(xs):
+    with pytest.raises(RuntimeError, match="expected cuda"):
+        P.run_pipeline(xs, prompt="x", width=64, height=64, num_inference_steps=1, guidance_scale=1.0,
+                       seed=0, num_images=1, device="cuda")
+
+
+def test_run_returns_one_image_per_request(xs):
+    images = P.run_pipeline(xs, prompt="a cat", negative_prompt="a dog", width=64, height=64,
+                            num_inference_steps=2, guidance_scale=3.0, seed=3, num_images=2)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+
+
+# ---- freeing ---------------------------------------------------------------------------------
+def test_free_leaves_no_live_modules(demo_dir):
+    tracker = P.LeakTracker()
+    pipe = P.load_pipeline(demo_dir["demo-xs"], dtype="float32")
+    n_modules = sum(len(list(m.modules())) for m in P.module_components(pipe).values())
+    P.free_pipeline(pipe, tracker)
+    assert tracker.tracked() == n_modules
+    assert P.module_components(pipe) == {}
+    del pipe
+    assert tracker.leaked() == 0
+    assert tracker.tracked() == 0
+
+
+def test_leak_tracker_sees_a_kept_reference(demo_dir):
+    tracker = P.LeakTracker()
+    pipe = P.load_pipeline(demo_dir["demo-xs"], dtype="float32")
+    kept = pipe.unet  # a leak: someone still holds the UNet
+    n_unet = len(list(kept.modules()))
+    P.free_pipeline(pipe, tracker)
+    del pipe
+    assert tracker.leaked() == n_unet
+    del kept
+    assert tracker.leaked() == 0
+
+
+def test_free_removes_accelerate_hooks(demo_dir):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    tracker = P.LeakTracker()
+    pipe = P.load_pipeline(demo_dir["demo-xs"], dtype="float32")
+    unet = pipe.unet
+    add_hook_to_module(unet, ModelHook())
+    P.free_pipeline(pipe, tracker)
+    assert not hasattr(unet, "_hf_hook")
+    del pipe, unet
+    assert tracker.leaked() == 0
+
+
+# ---- errors and CUDA facts -------------------------------------------------------------------
+def test_is_out_of_memory():
+    assert P.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert P.is_out_of_memory(MemoryError())
+    assert P.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert P.is_out_of_memory(P.PipelineLoadError("x", "OutOfMemoryError: ...", out_of_memory=True))
+    assert not P.is_out_of_memory(P.PipelineLoadError("x", "truncated"))
+    assert not P.is_out_of_memory(ValueError("out of memory"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answers")
+def test_cuda_facts_without_cuda():
+    assert P.cuda_device_info() is None
+    assert P.cuda_memory_bytes() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_facts_with_cuda():
+    name, total = P.cuda_device_info()
+    assert name and total > 0
+    mem = P.cuda_memory_bytes()
+    assert set(mem) == {"free", "total", "reserved", "allocated"} and mem["total"] == total
