@@ -2,6 +2,8 @@
 
 Gauges mirror the last report; the cache's cumulative counters are exported as Counters
 incremented by their delta since the previous observation (Prometheus counters only rise).
+Serve adds the ``deployment``, ``replica`` and ``application`` tags itself (``replica`` is
+reserved), so these metrics declare only their own tags.
 """
 
 from __future__ import annotations
@@ -16,24 +18,19 @@ COUNTERS = ("hits", "host_reloads", "disk_loads", "evictions", "offloads", "rele
 
 
 class ReplicaMetrics:
-    def __init__(self, replica_id: str):
-        tags = {"replica": replica_id}
-        keys = ("replica",)
-        self._device_used = metrics.Gauge("memrouter_device_used_bytes", "Device bytes in use (weights + workspace).", tag_keys=keys)
-        self._device_budget = metrics.Gauge("memrouter_device_budget_bytes", "Device byte budget.", tag_keys=keys)
-        self._host_used = metrics.Gauge("memrouter_host_used_bytes", "Host RAM bytes held by offloaded pipelines.", tag_keys=keys)
-        self._leaked = metrics.Gauge("memrouter_leaked_modules", "Modules of freed pipelines still alive.", tag_keys=keys)
+    def __init__(self) -> None:
+        self._device_used = metrics.Gauge("memrouter_device_used_bytes", "Device bytes in use (weights + workspace).")
+        self._device_budget = metrics.Gauge("memrouter_device_budget_bytes", "Device byte budget.")
+        self._host_used = metrics.Gauge("memrouter_host_used_bytes", "Host RAM bytes held by offloaded pipelines.")
+        self._leaked = metrics.Gauge("memrouter_leaked_modules", "Modules of freed pipelines still alive.")
         self._counters = {
-            name: metrics.Counter(f"memrouter_{name}_total", f"Pipeline cache {name.replace('_', ' ')}.", tag_keys=keys)
+            name: metrics.Counter(f"memrouter_{name}_total", f"Pipeline cache {name.replace('_', ' ')}.")
             for name in COUNTERS
         }
         self._load_s = metrics.Histogram(
             "memrouter_load_seconds", "Seconds to load (disk) or reload (host) a pipeline.",
-            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80], tag_keys=("replica", "source"),
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80], tag_keys=("source",),
         )
-        for m in (self._device_used, self._device_budget, self._host_used, self._leaked, *self._counters.values()):
-            m.set_default_tags(tags)
-        self._replica_id = replica_id
         self._last: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._lock = threading.Lock()
 
@@ -52,4 +49,4 @@ class ReplicaMetrics:
                 self._last[name] = value
 
     def load_seconds(self, seconds: float, source: str) -> None:
-        self._load_s.observe(seconds, tags={"replica": self._replica_id, "source": source})
+        self._load_s.observe(seconds, tags={"source": source})

@@ -255,6 +255,15 @@ def move_pipeline(pipe: Any, device: str, *, pin_host_memory: bool = False) -> N
 
 
 # ---- freeing ---------------------------------------------------------------------------------
+def quiet_progress_bars() -> None:
+    """Turn off diffusers' and transformers' tqdm bars in this process (replica logs)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
 class LeakTracker:
     """Watches modules of freed pipelines, to count those that stay alive (leaks).
 
@@ -274,7 +283,15 @@ class LeakTracker:
             self._refs.extend(refs)
 
     def leaked(self) -> int:
-        """Run gc, forget modules that died, and return how many watched modules are alive."""
+        """Forget modules that died and return how many watched modules are alive.
+
+        gc runs only when some watched module is still alive (a cycle may hold it): reports
+        call this every second, and a full collection costs ~100 ms in a torch process.
+        """
+        with self._lock:
+            self._refs = [r for r in self._refs if r() is not None]
+            if not self._refs:
+                return 0
         gc.collect()
         with self._lock:
             self._refs = [r for r in self._refs if r() is not None]
@@ -351,6 +368,7 @@ def run_pipeline(
     if pipe.device.type != torch.device(device).type:
         raise RuntimeError(f"run_pipeline: pipeline is on {pipe.device.type}, expected {device}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         result = pipe(
             prompt=prompt,

@@ -64,6 +64,7 @@ class ModelReplica:
     def __init__(self, config: dict[str, Any]):
         cfg = AppConfig.model_validate(config)
         self._settings = cfg.replica
+        pipelines.quiet_progress_bars()
         self._registry = cfg.load_registry()
         cuda = pipelines.cuda_device_info()
         self.profile = profiles.resolve(
@@ -90,7 +91,7 @@ class ModelReplica:
             self.replica_id = f"local-{os.getpid()}"
         self._run_slot = threading.Semaphore(1)
         self._timeline: collections.deque = collections.deque(maxlen=TIMELINE_SAMPLES)
-        self._metrics = ReplicaMetrics(self.replica_id)
+        self._metrics = ReplicaMetrics()
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._idle_loop, name="memrouter-idle", daemon=True)
         self._monitor.start()
@@ -113,8 +114,12 @@ class ModelReplica:
         return rep
 
     # ---- requests ----------------------------------------------------------------------------
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run one resolved request (``ResolvedRequest`` fields + ``sent_at_s``)."""
+    async def generate(self, request: dict[str, Any], need: Any = None) -> dict[str, Any]:
+        """Run one resolved request (``ResolvedRequest`` fields + ``sent_at_s``).
+
+        ``need`` is the placement need the request router read; the replica re-estimates
+        at its own dtype (it is the authority on what it holds).
+        """
         import asyncio
 
         return await asyncio.get_running_loop().run_in_executor(None, self._generate_sync, request)
@@ -221,18 +226,18 @@ class ModelReplica:
         self._metrics.observe(report)
         return report
 
-    async def report(self, timeline: bool = False) -> dict[str, Any]:
+    async def report(self, timeline: bool = False, _target_replica: str | None = None) -> dict[str, Any]:
         rep = self.memory_report()
         if timeline:
             rep["timeline"] = list(self._timeline)
         return rep
 
-    async def offload(self, checkpoint: str | None = None) -> dict[str, Any]:
+    async def offload(self, checkpoint: str | None = None, _target_replica: str | None = None) -> dict[str, Any]:
         names = self.cache.offload(checkpoint)
         self._sample("admin-offload")
         return {"replica": self.replica_id, "offloaded": names}
 
-    async def release(self, checkpoint: str | None = None) -> dict[str, Any]:
+    async def release(self, checkpoint: str | None = None, _target_replica: str | None = None) -> dict[str, Any]:
         names = self.cache.release(checkpoint)
         self._sample("admin-release")
         return {"replica": self.replica_id, "released": names}
@@ -244,4 +249,6 @@ class ModelReplica:
         self.cache.release()
 
     def __del__(self) -> None:
-        self._stop.set()
+        stop = getattr(self, "_stop", None)  # absent when the constructor failed early
+        if stop is not None:
+            stop.set()

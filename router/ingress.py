@@ -22,6 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -154,12 +156,14 @@ class RouterIngress:
                 self._replicas.generate.remote(payload, need), timeout=self._settings.request_timeout_s)
         except asyncio.TimeoutError:
             raise ServiceError(504, "timeout", f"no answer within {self._settings.request_timeout_s} s") from None
-        except Exception as exc:  # noqa: BLE001 - Ray's errors: replica died, backpressure, ...
-            name = type(exc).__name__
-            log.warning("replica call failed: %s: %s", name, exc)
-            if "BackPressure" in name:
-                raise ServiceError(503, "overloaded", "too many requests queued; retry later", 1) from None
-            raise ServiceError(503, "replica_unavailable", f"the replica failed ({name}); retry", 1) from None
+        except BackPressureError:
+            raise ServiceError(503, "overloaded", "too many requests queued; retry later", 1) from None
+        except RayTaskError as exc:  # a bug in replica code: not the client's fault, not transient
+            log.error("replica raised: %s", exc)
+            raise ServiceError(500, "internal_error", "the replica failed while serving the request") from None
+        except (RayActorError, DeploymentUnavailableError) as exc:  # died or unreachable
+            log.warning("replica unavailable: %s: %s", type(exc).__name__, exc)
+            raise ServiceError(503, "replica_unavailable", "the replica serving this request went away; retry", 1) from None
         status = result.get("status", 500)
         if status != 200:
             err = result["error"]

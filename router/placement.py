@@ -8,7 +8,7 @@ Ranking (lower is better), per the design:
   2. resident in the replica's host RAM,
   3. fits in the replica's free device budget,
   4. fits after evicting idle entries: fewest bytes evicted, then the most idle victims,
-  5. cannot fit now (everything pinned) -- still returned last, so the replica can answer 503,
+  5. needs entries that are in use right now evicted: it waits for them, then evicts,
   6. can never fit (bigger than the replica's budget) -- not returned.
 Queue length breaks ties. A replica whose queue is at or above ``spill_queue_len`` is
 ranked after every replica below it, so a hot checkpoint spreads to a second replica only
@@ -87,39 +87,51 @@ class Placement:
 
 
 def place_one(view: ReplicaView, need: Need, *, spill_queue_len: int) -> Placement | None:
-    """Score one replica; None when the need can never fit its budget."""
+    """Score one replica; None when the need can never fit its budget.
+
+    Resident on the device ranks first whatever the free bytes: the replica runs one
+    pipeline at a time and finds workspace room at acquire time, and ``in_use`` in a
+    report is stale by up to a period. Otherwise idle entries are evicted most idle first
+    (the cache's LRU order); needing entries that are in use ranks BUSY (wait, then evict).
+    """
     weights, workspace = need.at(view.default_dtype)
     entry = view.entries.get(need.checkpoint)
     spilled = view.queue_len >= spill_queue_len
     if entry is not None and entry.tier == "device":
-        rank, required = Rank.ON_DEVICE, workspace
-    elif entry is not None and entry.tier == "host":
-        rank, required = Rank.ON_HOST, entry.bytes + workspace
+        if entry.bytes + workspace > view.budget_bytes:
+            return None
+        return Placement(view.replica_id, Rank.ON_DEVICE, 0, 0.0, view.queue_len, spilled)
+    if entry is not None and entry.tier == "host":
+        rank_, required = Rank.ON_HOST, entry.bytes + workspace
     else:
-        rank, required = Rank.FITS, weights + workspace
+        rank_, required = Rank.FITS, weights + workspace
     if required > view.budget_bytes:
         return None
     resident = sum(1 for e in view.entries.values() if e.tier == "device")
-    adds = rank is not Rank.ON_DEVICE
-    if required <= view.free_bytes and (not adds or resident < view.max_resident):
-        return Placement(view.replica_id, rank, 0, 0.0, view.queue_len, spilled)
-    # Evict idle device entries, most idle first (the cache's LRU order), until it fits.
+
+    def fits(free: int, resident: int) -> bool:
+        return free >= required and resident < view.max_resident
+
+    if fits(view.free_bytes, resident):
+        return Placement(view.replica_id, rank_, 0, 0.0, view.queue_len, spilled)
     victims = sorted(
-        ((name, e) for name, e in view.entries.items() if e.tier == "device" and not e.in_use and name != need.checkpoint),
-        key=lambda ne: -ne[1].idle_s,
+        ((name, e) for name, e in view.entries.items() if e.tier == "device" and name != need.checkpoint),
+        key=lambda ne: (ne[1].in_use > 0, -ne[1].idle_s),
     )
-    free, evicted, idle_sum = view.free_bytes, 0, 0.0
+    free, evicted, idle_sum, busy = view.free_bytes, 0, 0.0, False
     for _, e in victims:
-        if free >= required and (not adds or resident < view.max_resident):
+        if fits(free, resident):
             break
         free += e.bytes
         evicted += e.bytes
         idle_sum += e.idle_s
         resident -= 1
-    if free < required:
-        return Placement(view.replica_id, Rank.BUSY, 0, 0.0, view.queue_len, spilled)
-    # A resident entry that needs room for workspace keeps its rank: no load is needed.
-    return Placement(view.replica_id, rank if rank is not Rank.FITS else Rank.EVICT, evicted, idle_sum, view.queue_len, spilled)
+        busy = busy or e.in_use > 0
+    if busy or not fits(free, resident):
+        return Placement(view.replica_id, Rank.BUSY, evicted, idle_sum, view.queue_len, spilled)
+    # Reloading from host keeps its rank: it is cheaper than any disk load, even with evictions.
+    return Placement(view.replica_id, rank_ if rank_ is Rank.ON_HOST else Rank.EVICT, evicted, idle_sum,
+                     view.queue_len, spilled)
 
 
 def rank(views: Iterable[ReplicaView], need: Need, *, spill_queue_len: int = 4) -> list[Placement]:

@@ -22,37 +22,16 @@ ingress sends at most one generate call at a time per request.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from router.ledger import Ledger
+from router.report_board import ReportBoard
 from router.placement import EntryView, Need, ReplicaView, rank
 
 log = logging.getLogger("memrouter.request_router")
-
-
-class ReportBoard:
-    """Latest replica reports seen by this process's routers, by deployment name.
-
-    Process-local on purpose: Ray constructs the router itself (no way to hand it an
-    object), and the ingress in the same process needs the same reports for /v1/status.
-    """
-
-    _lock = threading.Lock()
-    _reports: dict[str, dict[str, dict[str, Any]]] = {}
-
-    @classmethod
-    def publish(cls, deployment: str, reports: dict[str, dict[str, Any]]) -> None:
-        with cls._lock:
-            cls._reports[deployment] = dict(reports)
-
-    @classmethod
-    def reports(cls, deployment: str) -> dict[str, dict[str, Any]]:
-        with cls._lock:
-            return dict(cls._reports.get(deployment, {}))
 
 
 def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) -> ReplicaView:

@@ -54,6 +54,19 @@ def test_pinned_entries_make_a_replica_busy_and_too_big_is_excluded():
     assert rank([view("tiny", budget=30)], need()) == []
 
 
+def test_resident_ranks_first_even_when_a_stale_report_shows_no_free_room():
+    # The report is up to a period old: "a" may be done by now; x is resident, no load needed.
+    views = [view("stale", used=100, x=("device", 40), a=("device", 60, 0.0, 1)), view("empty")]
+    assert order(rank(views, need())) == [("stale", Rank.ON_DEVICE), ("empty", Rank.FITS)]
+    assert rank([view("r", budget=45, x=("device", 40))], need()) == []  # 40 + 10 can never fit
+
+
+def test_host_reload_with_eviction_beats_a_disk_load():
+    views = [view("host", used=90, x=("host", 40), a=("device", 90, 5.0)), view("fits")]
+    ranked = rank(views, need())
+    assert [(p.replica_id, p.rank, p.evict_bytes) for p in ranked] == [("host", Rank.ON_HOST, 90), ("fits", Rank.FITS, 0)]
+
+
 def test_need_uses_each_replicas_dtype():
     # fp32 replica needs 2x: 80 + 20 = 100 fits its budget exactly; 101 would not.
     assert order(rank([view("cpu", dtype="float32")], need())) == [("cpu", Rank.FITS)]

@@ -1,0 +1,316 @@
+"""Router overhead, pure part: time of one placement decision at 10 / 100 / 1000 replicas.
+
+    python -m bench.placement_speed            # writes bench/results/placement_speed.{json,md}
+
+Each replica gets a realistic report: its real PipelineCache (deployments/cache.py, with the
+instant simulated backend) is driven with Zipf-popular acquires from a 200-checkpoint catalog
+until it holds 3-10 entries (device + host, as budgets allow); replicas with a queue hold
+one lease (in use, workspace in flight). The router's Ledger holds one in-flight placement
+per queued request plus a few completed ones not yet in a report (1 s report period).
+
+Three layers are timed per decision (time.perf_counter_ns, one call each):
+  rank        router.placement.rank over views already overlaid (the pure ranking)
+  overlay     Ledger.overlay of every view + rank: what the issue calls a decision
+  rank_for    MemoryAwareRequestRouter.rank_for (router/request_router.py) on fake
+              candidates: view_from_report + overlay + rank + mapping back, the full
+              per-request work of the Ray shell (Ray itself is imported but not started)
+The target (issue "Router overhead") is <= 100 us per decision at 100 replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import pstats
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.machine import machine_info, machine_md
+from bench.sim.backend import SimBackend
+from bench.sim.model import DEFAULT_MIX, Zipf, build_catalog, build_fleet
+from deployments.cache import CacheConfig, Lease, PipelineCache
+from router.ledger import Ledger
+from router.placement import ReplicaView, rank
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_US_AT_100 = 100.0
+
+
+class Clock:
+    def __init__(self, t: float = 0.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Cluster:
+    reports: dict[str, dict[str, Any]]
+    queues: dict[str, int]
+    ledger: Ledger
+    ledger_in_flight: int
+
+
+def report_dict(cache: PipelineCache, spec: Any, now_s: float) -> dict[str, Any]:
+    """The routing-stats fields ModelReplica.memory_report() sends that view_from_report reads."""
+    rep = cache.report()
+    return {
+        "replica_id": spec.replica_id,
+        "profile": spec.profile.name,
+        "default_dtype": spec.profile.default_dtype,
+        "max_resident": spec.profile.max_resident_pipelines,
+        "device_budget_bytes": rep.device_budget_bytes,
+        "device_used_bytes": rep.device_used_bytes,
+        "device_free_bytes": rep.device_free_bytes,
+        "workspace_in_flight_bytes": rep.workspace_in_flight_bytes,
+        "host_budget_bytes": rep.host_budget_bytes,
+        "host_used_bytes": rep.host_used_bytes,
+        "entries": [{"name": e.name, "tier": e.tier, "bytes": e.bytes, "estimate_bytes": e.estimate_bytes,
+                     "idle_s": e.idle_s, "in_use": e.in_use} for e in rep.entries],
+        "in_flight": rep.in_flight,
+        "counters": rep.counters,
+        "timestamp_s": now_s,
+    }
+
+
+def draw_fitting(catalog: list, zipf: Zipf, rng: random.Random, budget: int):
+    """A Zipf-popular checkpoint that fits ``budget`` (rejection sampling)."""
+    while True:
+        c = catalog[zipf.draw(rng)]
+        if c.total_bytes <= budget:
+            return c
+
+
+def build_cluster(n_replicas: int, catalog: list, zipf: Zipf, rng: random.Random, mix: str) -> Cluster:
+    fleet = build_fleet(n_replicas, mix, rng)
+    now = 100_000.0
+    reports, queues = {}, {}
+    ledger = Ledger()
+    in_flight = 0
+    rid_seq = 0
+    for spec in fleet:
+        p = spec.profile
+        budget = p.device_budget_bytes
+        clock = Clock(now - 3600.0)
+        sizes = {c.name: c.weights_bytes for c in catalog}
+        backend = SimBackend(sizes, capacity_bytes=budget, disk_bps=2e9, h2d_bps=12e9, d2h_bps=12e9)
+        cache = PipelineCache(CacheConfig(device_budget_bytes=budget, host_budget_bytes=p.host_budget_bytes,
+                                          idle_offload_s=p.idle_offload_s, idle_release_s=p.idle_release_s,
+                                          max_resident=p.max_resident_pipelines), backend, clock)
+        target = rng.randint(3, 10)
+        for _ in range(400):
+            if len(cache.report().entries) >= target:
+                break
+            c = draw_fitting(catalog, zipf, rng, budget)
+            lease = cache.acquire(c.name, weights_bytes=c.weights_bytes, workspace_bytes=c.workspace_bytes,
+                                  offloadable=c.variant.offloadable)
+            assert isinstance(lease, Lease), lease
+            clock.t += rng.uniform(1.0, 240.0) / 2
+            lease.release()
+            clock.t += rng.uniform(1.0, 240.0) / 2
+        clock.t = now
+        # Queue: 0 for ~30% of replicas, else 1..8 (max_ongoing_requests = 8).
+        q = 0 if rng.random() < 0.3 else rng.randint(1, 8)
+        queues[spec.replica_id] = q
+        placed = []
+        if q:
+            # The running request pins one (resident or loaded) checkpoint.
+            c = draw_fitting(catalog, zipf, rng, budget)
+            lease = cache.acquire(c.name, weights_bytes=c.weights_bytes, workspace_bytes=c.workspace_bytes,
+                                  offloadable=c.variant.offloadable)
+            assert isinstance(lease, Lease), lease
+            placed.append(c)
+            placed.extend(draw_fitting(catalog, zipf, rng, budget) for _ in range(q - 1))
+        reports[spec.replica_id] = report_dict(cache, spec, now)
+        for c in placed:
+            ledger.routed(f"req{rid_seq}", spec.replica_id, c.name, weights_bytes=c.weights_bytes,
+                          now_s=now - rng.uniform(0.0, 30.0))
+            rid_seq += 1
+            in_flight += 1
+        # Completed since the last report (up to one 1 s period stale): Poisson(0.5).
+        k = 0
+        while rng.random() < 0.5 / (k + 1):  # cheap bounded Poisson-ish draw, mean ~0.65
+            k += 1
+        for _ in range(k):
+            c = draw_fitting(catalog, zipf, rng, budget)
+            ledger.routed(f"req{rid_seq}", spec.replica_id, c.name, weights_bytes=c.weights_bytes, now_s=now - 2.0)
+            ledger.completed(f"req{rid_seq}", now_s=now + 0.5)
+            rid_seq += 1
+    return Cluster(reports, queues, ledger, in_flight)
+
+
+# ---- the three layers ---------------------------------------------------------------------
+class FakeReplicaID:
+    __slots__ = ("unique_id",)
+
+    def __init__(self, unique_id: str):
+        self.unique_id = unique_id
+
+
+class FakeRunningReplica:
+    __slots__ = ("replica_id", "routing_stats")
+
+    def __init__(self, rid: str, stats: dict[str, Any]):
+        self.replica_id = FakeReplicaID(rid)
+        self.routing_stats = stats
+
+
+def make_router(cluster: Cluster, spill_queue_len: int):
+    """The real MemoryAwareRequestRouter without Ray's constructor: only the state rank_for reads."""
+    from router.request_router import MemoryAwareRequestRouter
+
+    router = object.__new__(MemoryAwareRequestRouter)
+    router._spill_queue_len = spill_queue_len
+    router._ledger = cluster.ledger
+    candidates = [FakeRunningReplica(rid, stats) for rid, stats in cluster.reports.items()]
+    router._replica_queue_len_cache = {r.replica_id: cluster.queues[r.replica_id.unique_id] for r in candidates}
+    return router, candidates
+
+
+def base_views(cluster: Cluster) -> list[ReplicaView]:
+    from router.request_router import view_from_report
+
+    return [view_from_report(rid, rep, cluster.queues[rid]) for rid, rep in cluster.reports.items()]
+
+
+def time_calls(fn: Callable[[Any], Any], needs: list, warmup: int) -> list[int]:
+    for need in needs[:warmup]:
+        fn(need)
+    out = []
+    clock = time.perf_counter_ns
+    for need in needs:
+        t0 = clock()
+        fn(need)
+        out.append(clock() - t0)
+    return out
+
+
+def pct(xs: list[int], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(ns: list[int]) -> dict[str, float]:
+    return {"n": len(ns), "p50_us": pct(ns, 50) / 1e3, "p99_us": pct(ns, 99) / 1e3,
+            "mean_us": statistics.fmean(ns) / 1e3, "max_us": max(ns) / 1e3}
+
+
+def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: str, budget_s: float,
+        spill_queue_len: int, profile_at: int | None) -> dict[str, Any]:
+    rng = random.Random(seed)
+    catalog = build_catalog(catalog_size, rng)
+    zipf = Zipf(catalog_size, zipf_s)
+    results, profile_text = [], None
+    for n in sizes:
+        cluster = build_cluster(n, catalog, zipf, random.Random(seed + n), mix)
+        views = base_views(cluster)
+        overlaid = [cluster.ledger.overlay(v) for v in views]
+        router, candidates = make_router(cluster, spill_queue_len)
+        layers: dict[str, Callable[[Any], Any]] = {
+            "rank": lambda need: rank(overlaid, need, spill_queue_len=spill_queue_len),
+            "overlay+rank": lambda need: rank([cluster.ledger.overlay(v) for v in views], need,
+                                              spill_queue_len=spill_queue_len),
+            "rank_for": lambda need: router.rank_for(candidates, need),
+        }
+        row: dict[str, Any] = {
+            "replicas": n,
+            "entries_per_report_mean": statistics.fmean(len(r["entries"]) for r in cluster.reports.values()),
+            "device_entries_per_report_mean": statistics.fmean(
+                sum(e["tier"] == "device" for e in r["entries"]) for r in cluster.reports.values()),
+            "queue_len_mean": statistics.fmean(cluster.queues.values()),
+            "ledger_placements": len(cluster.ledger),
+            "ledger_in_flight": cluster.ledger_in_flight,
+            "layers": {},
+        }
+        need_rng = random.Random(seed * 7 + n)
+        for layer, fn in layers.items():
+            # Size the sample to the time budget: a probe of 20 calls sets the count.
+            probe = [catalog[zipf.draw(need_rng)].need for _ in range(20)]
+            t0 = time.perf_counter()
+            for need in probe:
+                fn(need)
+            per = (time.perf_counter() - t0) / len(probe)
+            count = int(max(200, min(20000, budget_s / max(per, 1e-9))))
+            needs = [catalog[zipf.draw(need_rng)].need for _ in range(count)]
+            gc.collect()
+            row["layers"][layer] = summarize(time_calls(fn, needs, warmup=min(100, count // 10)))
+        results.append(row)
+        if profile_at == n:
+            prof = cProfile.Profile()
+            needs = [catalog[zipf.draw(need_rng)].need for _ in range(300)]
+            prof.enable()
+            for need in needs:
+                layers["rank_for"](need)
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+            profile_text = f"cProfile of 300 rank_for decisions at {n} replicas (sorted by tottime):\n" + buf.getvalue()
+    return {"results": results, "profile": profile_text}
+
+
+def to_markdown(out: dict[str, Any]) -> str:
+    lines = ["# Placement decision time", "", machine_md(out["machine"]), "",
+             f"Catalog {out['params']['catalog_size']} checkpoints, Zipf s={out['params']['zipf_s']}, "
+             f"spill_queue_len={out['params']['spill_queue_len']}, seed {out['params']['seed']}. "
+             f"Target: <= {TARGET_US_AT_100:.0f} us per decision at 100 replicas.", "",
+             "| replicas | entries/report | ledger size | layer | n | p50 us | p99 us | mean us |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for r in out["results"]:
+        for layer, s in r["layers"].items():
+            lines.append(f"| {r['replicas']} | {r['entries_per_report_mean']:.1f} | {r['ledger_placements']} | {layer} | "
+                         f"{s['n']} | {s['p50_us']:.1f} | {s['p99_us']:.1f} | {s['mean_us']:.1f} |")
+    lines += ["", "Layers: `rank` = router.placement.rank on pre-overlaid views; `overlay+rank` = Ledger.overlay of "
+              "every view, then rank (the decision as the router makes it); `rank_for` = "
+              "MemoryAwareRequestRouter.rank_for, adding view_from_report per replica.", ""]
+    verdict = out.get("verdict")
+    if verdict:
+        lines += [verdict, ""]
+    if out.get("profile"):
+        lines += ["```", out["profile"].strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m bench.placement_speed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10,100,1000", help="replica counts (comma-separated)")
+    ap.add_argument("--catalog", type=int, default=200, dest="catalog_size")
+    ap.add_argument("--zipf-s", type=float, default=1.1)
+    ap.add_argument("--mix", default=DEFAULT_MIX)
+    ap.add_argument("--spill-queue-len", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--budget-s", type=float, default=4.0, help="seconds of timed calls per layer and size")
+    ap.add_argument("--profile-at", type=int, default=100, help="cProfile rank_for at this size (0: off)")
+    ap.add_argument("--out", default=str(RESULTS), help="results folder")
+    a = ap.parse_args(argv)
+    sizes = [int(x) for x in a.sizes.split(",")]
+    res = run(sizes, seed=a.seed, catalog_size=a.catalog_size, zipf_s=a.zipf_s, mix=a.mix, budget_s=a.budget_s,
+              spill_queue_len=a.spill_queue_len, profile_at=a.profile_at or None)
+    out = {"machine": machine_info(),
+           "params": {"sizes": sizes, "catalog_size": a.catalog_size, "zipf_s": a.zipf_s, "mix": a.mix,
+                      "spill_queue_len": a.spill_queue_len, "seed": a.seed, "budget_s": a.budget_s},
+           **res}
+    at100 = next((r for r in out["results"] if r["replicas"] == 100), None)
+    if at100:
+        p50 = at100["layers"]["overlay+rank"]["p50_us"]
+        out["target_met_at_100"] = p50 <= TARGET_US_AT_100
+        out["verdict"] = (f"At 100 replicas a decision (overlay+rank) takes p50 {p50:.1f} us: target "
+                          f"{'met' if p50 <= TARGET_US_AT_100 else 'MISSED'} ({TARGET_US_AT_100:.0f} us).")
+    dest = Path(a.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "placement_speed.json").write_text(json.dumps(out, indent=2) + "\n")
+    (dest / "placement_speed.md").write_text(to_markdown(out))
+    print(to_markdown(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
