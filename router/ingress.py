@@ -8,7 +8,6 @@ Both entry points share :meth:`RouterIngress._generate`; the handle method raise
 :class:`ServiceError` where HTTP answers ``{"error": {"code", "message"}}`` with a status.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac
@@ -205,7 +204,22 @@ class RouterIngress:
     @app.get("/v1/status")
     async def http_status(self) -> dict[str, Any]:
         """Every replica's latest memory report plus totals."""
+        await self._ensure_reports()
         return self.status()
+
+    async def _ensure_reports(self, wait_s: float = 3.0) -> None:
+        """Ray builds the request router on the first call through the handle; before that no
+        reports reach this process. Prime it with a cheap call and wait for the reports."""
+        if ReportBoard.reports(self._replica_deployment):
+            return
+        try:
+            await asyncio.wait_for(self._replicas.report.remote(), timeout=wait_s)
+        except Exception as exc:  # noqa: BLE001 - status stays empty; the caller sees that
+            log.warning("priming the request router failed: %s", exc)
+            return
+        deadline = time.monotonic() + wait_s
+        while not ReportBoard.reports(self._replica_deployment) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
 
     def status(self) -> dict[str, Any]:
         reports = sorted(ReportBoard.reports(self._replica_deployment).values(), key=lambda r: r["replica_id"])
@@ -230,10 +244,17 @@ class RouterIngress:
     async def _admin(self, method: str, body: AdminRequest) -> dict[str, Any]:
         if body.checkpoint is not None and body.checkpoint not in self._registry:
             raise ServiceError(404, "unknown_checkpoint", f"unknown checkpoint {body.checkpoint[:64]!r}")
-        targets = sorted(ReportBoard.reports(self._replica_deployment))
-        calls = [getattr(self._replicas, method).remote(body.checkpoint, _target_replica=rid) for rid in targets]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        return {"replicas": [r if not isinstance(r, BaseException) else {"error": type(r).__name__} for r in results]}
+        await self._ensure_reports()
+        results = []
+        # One call at a time: Ray keys pending requests by the parent request's id, which
+        # every child call of this request shares, so concurrent targeted calls could swap.
+        for rid in sorted(ReportBoard.reports(self._replica_deployment)):
+            try:
+                call = getattr(self._replicas, method).remote(body.checkpoint, _target_replica=rid)
+                results.append(await asyncio.wait_for(call, timeout=self._settings.request_timeout_s))
+            except Exception as exc:  # noqa: BLE001 - report per replica, keep going
+                results.append({"replica": rid, "error": type(exc).__name__})
+        return {"replicas": results}
 
     @app.post("/v1/admin/offload", responses=ERROR_RESPONSES)
     async def http_offload(self, body: AdminRequest, request: Request) -> dict[str, Any]:

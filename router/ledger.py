@@ -30,11 +30,14 @@ class Ledger:
         self._placed: dict[str, _Placed] = {}  # request id -> placement
 
     def routed(self, request_id: str, replica_id: str, checkpoint: str, *, weights_bytes: int, now_s: float) -> None:
+        """Record (or move) ``request_id``'s placement. Called when the router picks a replica
+        (tentative: the next request of a burst must see it at once) and again when the
+        replica accepts, which may be another replica."""
         self._placed[request_id] = _Placed(replica_id, checkpoint, weights_bytes, now_s)
 
-    def completed(self, request_id: str, *, now_s: float) -> None:
+    def completed(self, request_id: str, replica_id: str, *, now_s: float) -> None:
         p = self._placed.get(request_id)
-        if p is not None and p.completed_s is None:
+        if p is not None and p.replica_id == replica_id and p.completed_s is None:
             p.completed_s = now_s
 
     def replica_gone(self, replica_id: str) -> None:

@@ -71,16 +71,16 @@ class MemoryAwareRequestRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         need = _need_of(pending_request)
-        if need is None:
-            return
-        rid = replica_id.unique_id
-        replica = self.curr_replicas.get(replica_id)
-        dtype = (replica.routing_stats if replica is not None else {}).get("default_dtype", "float16")
-        key = pending_request.metadata.internal_request_id + "@" + rid
-        self._ledger.routed(key, rid, need.checkpoint, weights_bytes=need.at(dtype)[0], now_s=time.time())
+        if need is not None:
+            self._record(pending_request, need, self.curr_replicas.get(replica_id), replica_id.unique_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._ledger.completed(internal_request_id + "@" + replica_id.unique_id, now_s=time.time())
+        self._ledger.completed(internal_request_id, replica_id.unique_id, now_s=time.time())
+
+    def _record(self, pending_request: PendingRequest, need: Need, replica: RunningReplica | None, rid: str) -> None:
+        dtype = (replica.routing_stats if replica is not None else {}).get("default_dtype", "float16")
+        self._ledger.routed(pending_request.metadata.internal_request_id, rid, need.checkpoint,
+                            weights_bytes=need.at(dtype)[0], now_s=time.time())
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -102,7 +102,13 @@ class MemoryAwareRequestRouter(RequestRouter):
         need = _need_of(pending_request) if pending_request is not None else None
         if need is None:
             return [list(candidate_replicas)]
-        return self.rank_for(candidate_replicas, need)
+        ranks = self.rank_for(candidate_replicas, need)
+        if len(ranks[0]) == 1:
+            # Tentative: the next request of a burst must see this placement now, not after
+            # the replica accepts; on_request_routed moves it if Ray sends elsewhere.
+            best = ranks[0][0]
+            self._record(pending_request, need, best, best.replica_id.unique_id)
+        return ranks
 
     def rank_for(self, candidates: list[RunningReplica], need: Need) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidates}

@@ -115,7 +115,7 @@ def test_overlay_counts_weights_once():
 def test_ledger_forgets_after_a_report_taken_after_completion():
     ledger = Ledger()
     ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)
-    ledger.completed("1", now_s=2.0)
+    ledger.completed("1", "a", now_s=2.0)
     ledger.report_arrived("a", 1.5)  # taken before completion: keep
     assert len(ledger) == 1
     ledger.report_arrived("a", 2.5)
@@ -128,6 +128,17 @@ def test_ledger_forgets_after_a_report_taken_after_completion():
     assert len(ledger) == 1
     ledger.report_arrived("a", 611.0)
     assert len(ledger) == 0
+
+
+def test_routed_again_moves_the_placement_and_completion_needs_the_same_replica():
+    ledger = Ledger()
+    ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)  # tentative pick
+    ledger.routed("1", "b", "x", weights_bytes=40, now_s=1.1)  # accepted elsewhere
+    assert ledger.pending("a") == [] and ledger.pending("b") == [("x", 1)]
+    ledger.completed("1", "a", now_s=2.0)  # a rejected attempt's completion: ignored
+    assert ledger.pending("b") == [("x", 1)]
+    ledger.completed("1", "b", now_s=3.0)
+    assert ledger.pending("b") == [("x", 0)]
 
 
 def test_overlay_marks_resident_entry_in_use():
