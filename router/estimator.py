@@ -41,6 +41,18 @@ TARGET_DTYPE_BYTES: Mapping[str, int] = {"float16": 2, "bfloat16": 2, "float32":
 NF4_BLOCK = 64
 
 
+def _clip_position_ids(config: Mapping) -> int:
+    return 8 * int(config.get("max_position_embeddings", 77))  # int64 arange
+
+
+# Buffers a module creates at construction and never saves (persistent=False), by the
+# component's class in model_index.json; sized from its config.json (not tensor data).
+NON_PERSISTENT_BUFFERS = {
+    "CLIPTextModel": _clip_position_ids,
+    "CLIPTextModelWithProjection": _clip_position_ids,
+}
+
+
 class EstimateError(ValueError):
     """The checkpoint's files cannot be estimated (corrupt header, missing files)."""
 
@@ -218,6 +230,17 @@ def _component_bytes(tensors: list[TensorInfo], target_bytes: int, quantization:
     return total
 
 
+def _unsaved_buffer_bytes(folder: Path, index_entry: list) -> int:
+    sizer = NON_PERSISTENT_BUFFERS.get(str(index_entry[1]) if len(index_entry) > 1 else "")
+    if sizer is None:
+        return 0
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    return sizer(config if isinstance(config, dict) else {})
+
+
 def resolve_dtype(spec: CheckpointSpec, default_dtype: str) -> str:
     """The compute dtype: the spec's, or the profile's default when the spec says auto."""
     return default_dtype if spec.dtype is Dtype.AUTO else spec.dtype.value
@@ -288,7 +311,8 @@ class Estimator:
             if name in ("unet", "transformer"):
                 denoiser_params += params
             q = spec.quantization if quantized else Quantization.NONE
-            estimates.append(ComponentEstimate(name, len(tensors), params, _component_bytes(tensors, TARGET_DTYPE_BYTES[dtype], q), quantized))
+            nbytes = _component_bytes(tensors, TARGET_DTYPE_BYTES[dtype], q) + _unsaved_buffer_bytes(spec.path / name, index[name])
+            estimates.append(ComponentEstimate(name, len(tensors), params, nbytes, quantized))
         family = spec.family if spec.family is not Family.AUTO else infer_family(index, denoiser_params)
         result = (tuple(estimates), family)
         self._weights[key] = result

@@ -45,13 +45,14 @@ def spec(path: Path, **kw) -> CheckpointSpec:
 UNET_FLOATS = 10 * 100 + 10 + 4 * 4 * 3 * 3  # 1154 params
 UNET_INTS_BYTES = 5 * 8
 TE_FLOATS = 160
+TE_BUFFER = 8 * 77  # CLIP's unsaved int64 position_ids (no config.json: 77 positions)
 
 
 @pytest.mark.parametrize("dtype, nbytes", [("float16", 2), ("bfloat16", 2), ("float32", 4)])
 def test_weights_converted_to_target_dtype_integers_keep_size(tmp_path, dtype, nbytes):
     est = Estimator().estimate(spec(make_folder(tmp_path)), dtype=dtype, width=64, height=64)
-    assert est.component_bytes() == {"unet": UNET_FLOATS * nbytes + UNET_INTS_BYTES, "text_encoder": TE_FLOATS * nbytes}
-    assert est.weights_bytes == (UNET_FLOATS + TE_FLOATS) * nbytes + UNET_INTS_BYTES
+    assert est.component_bytes() == {"unet": UNET_FLOATS * nbytes + UNET_INTS_BYTES, "text_encoder": TE_FLOATS * nbytes + TE_BUFFER}
+    assert est.weights_bytes == (UNET_FLOATS + TE_FLOATS) * nbytes + UNET_INTS_BYTES + TE_BUFFER
     assert est.total_bytes == est.weights_bytes + est.workspace_bytes
 
 
@@ -63,7 +64,7 @@ def test_int8_and_nf4_apply_to_denoiser_linear_weights_only(tmp_path):
     assert int8.component_bytes()["unet"] == 1000 + 40 + (10 + 144) * 2 + UNET_INTS_BYTES
     nf4 = e.estimate(spec(path, quantization="nf4"), dtype="float16", width=64, height=64)
     assert nf4.component_bytes()["unet"] == 500 + math.ceil(1000 / 64) * 4 + (10 + 144) * 2 + UNET_INTS_BYTES
-    assert int8.component_bytes()["text_encoder"] == TE_FLOATS * 2  # not the denoiser
+    assert int8.component_bytes()["text_encoder"] == TE_FLOATS * 2 + TE_BUFFER  # not the denoiser
     assert any("bitsandbytes int8" in a for a in int8.assumptions)
 
 
@@ -106,6 +107,13 @@ def test_estimate_cache_rereads_replaced_files(tmp_path):
     first = e.estimate(spec(path), dtype="float32", width=64, height=64).weights_bytes
     save_file({"w": torch.zeros(1000)}, str(path / "text_encoder" / "model.safetensors"))
     assert e.estimate(spec(path), dtype="float32", width=64, height=64).weights_bytes == first - TE_FLOATS * 4 + 4000
+
+
+def test_unsaved_buffers_sized_from_component_config(tmp_path):
+    path = make_folder(tmp_path)
+    (path / "text_encoder" / "config.json").write_text('{"max_position_embeddings": 10}')
+    est = Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
+    assert est.component_bytes()["text_encoder"] == TE_FLOATS * 2 + 80
 
 
 def test_variant_files_are_ignored_when_a_plain_file_exists(tmp_path):
