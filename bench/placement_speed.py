@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from bench import placement_fast as fast
 from bench.machine import machine_info, machine_md
 from bench.sim.backend import SimBackend
 from bench.sim.model import DEFAULT_MIX, Zipf, build_catalog, build_fleet
@@ -142,7 +143,7 @@ def build_cluster(n_replicas: int, catalog: list, zipf: Zipf, rng: random.Random
         for _ in range(k):
             c = draw_fitting(catalog, zipf, rng, budget)
             ledger.routed(f"req{rid_seq}", spec.replica_id, c.name, weights_bytes=c.weights_bytes, now_s=now - 2.0)
-            ledger.completed(f"req{rid_seq}", now_s=now + 0.5)
+            ledger.completed(f"req{rid_seq}", spec.replica_id, now_s=now + 0.5)
             rid_seq += 1
     return Cluster(reports, queues, ledger, in_flight)
 
@@ -203,8 +204,20 @@ def summarize(ns: list[int]) -> dict[str, float]:
             "mean_us": statistics.fmean(ns) / 1e3, "max_us": max(ns) / 1e3}
 
 
+def split_ledger(ledger: Ledger, replica_ids: list[str]) -> dict[str, Ledger]:
+    """The same placements in one Ledger per replica: what indexing _placed by replica would give
+    (every Ledger method filters by replica id, so the overlays are equal)."""
+    out = {rid: Ledger() for rid in replica_ids}
+    for key, p in ledger._placed.items():
+        part = out[p.replica_id]
+        part.routed(key, p.replica_id, p.checkpoint, weights_bytes=p.weights_bytes, now_s=p.routed_s)
+        if p.completed_s is not None:
+            part.completed(key, p.replica_id, now_s=p.completed_s)
+    return out
+
+
 def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: str, budget_s: float,
-        spill_queue_len: int, profile_at: int | None) -> dict[str, Any]:
+        spill_queue_len: int, profile_at: int | None, experiment: bool = True) -> dict[str, Any]:
     rng = random.Random(seed)
     catalog = build_catalog(catalog_size, rng)
     zipf = Zipf(catalog_size, zipf_s)
@@ -220,6 +233,17 @@ def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: s
                                               spill_queue_len=spill_queue_len),
             "rank_for": lambda need: router.rank_for(candidates, need),
         }
+        if experiment:
+            by_replica = split_ledger(cluster.ledger, [v.replica_id for v in views])
+            prepared = [fast.prepare(v) for v in overlaid]
+            vector = fast.VectorRanker(overlaid)
+            layers.update({
+                "x:indexed-overlay+rank": lambda need: rank([by_replica[v.replica_id].overlay(v) for v in views], need,
+                                                            spill_queue_len=spill_queue_len),
+                "x:rank_fast": lambda need: fast.rank_fast(prepared, need, spill_queue_len=spill_queue_len),
+                "x:rank_ids": lambda need: fast.rank_ids(prepared, need, spill_queue_len=spill_queue_len),
+                "x:vector_ids": lambda need: vector.rank_ids(need, spill_queue_len=spill_queue_len),
+            })
         row: dict[str, Any] = {
             "replicas": n,
             "entries_per_report_mean": statistics.fmean(len(r["entries"]) for r in cluster.reports.values()),
@@ -242,6 +266,33 @@ def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: s
             needs = [catalog[zipf.draw(need_rng)].need for _ in range(count)]
             gc.collect()
             row["layers"][layer] = summarize(time_calls(fn, needs, warmup=min(100, count // 10)))
+        if experiment:
+            # Equivalence of the experiment with the real code on the same inputs.
+            needs = [catalog[zipf.draw(need_rng)].need for _ in range(300)]
+            row["x_equal"] = {
+                "decisions": len(needs),
+                "rank_fast_equal": sum(fast.check_equal(rank(overlaid, nd, spill_queue_len=spill_queue_len),
+                                                        fast.rank_fast(prepared, nd, spill_queue_len=spill_queue_len))
+                                       for nd in needs),
+                "vector_ids_equal": sum(
+                    [p.replica_id for p in rank(overlaid, nd, spill_queue_len=spill_queue_len)]
+                    == vector.rank_ids(nd, spill_queue_len=spill_queue_len) for nd in needs),
+                "indexed_overlay_equal": sum(
+                    fast.check_equal(rank([by_replica[v.replica_id].overlay(v) for v in views], nd,
+                                          spill_queue_len=spill_queue_len),
+                                     rank(overlaid, nd, spill_queue_len=spill_queue_len)) for nd in needs),
+            }
+            reps = max(1, 20000 // n)
+            t0 = time.perf_counter_ns()
+            for _ in range(reps):
+                for v in overlaid:
+                    fast.prepare(v)
+            row["x_prepare_us_per_view"] = (time.perf_counter_ns() - t0) / (reps * n) / 1e3
+            t0 = time.perf_counter_ns()
+            for _ in range(reps):
+                for i, v in enumerate(overlaid):
+                    vector.update(i, v)
+            row["x_vector_update_us_per_view"] = (time.perf_counter_ns() - t0) / (reps * n) / 1e3
         results.append(row)
         if profile_at == n:
             prof = cProfile.Profile()
@@ -269,7 +320,23 @@ def to_markdown(out: dict[str, Any]) -> str:
                          f"{s['n']} | {s['p50_us']:.1f} | {s['p99_us']:.1f} | {s['mean_us']:.1f} |")
     lines += ["", "Layers: `rank` = router.placement.rank on pre-overlaid views; `overlay+rank` = Ledger.overlay of "
               "every view, then rank (the decision as the router makes it); `rank_for` = "
-              "MemoryAwareRequestRouter.rank_for, adding view_from_report per replica.", ""]
+              "MemoryAwareRequestRouter.rank_for, adding view_from_report per replica.",
+              "Experiment layers (`x:`, bench/placement_fast.py, not used by the router): `x:indexed-overlay+rank` = "
+              "the real overlay and rank with the ledger split per replica (index placements by replica id); "
+              "`x:rank_fast` = an equivalent rank over views prepared once per report/ledger/queue change "
+              "(prepare cost below, not in the per-decision time); `x:rank_ids` = the same returning replica ids only; `x:vector_ids` = numpy over per-replica rows "
+              "(row update cost below, paid per report/ledger/queue change, not per decision).", ""]
+    xs = [r for r in out["results"] if "x_equal" in r]
+    if xs:
+        lines += ["| replicas | x:rank_fast equal to rank | x:vector_ids equal | x:indexed overlay equal | "
+                  "prepare us/view | vector row update us/view |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in xs:
+            e = r["x_equal"]
+            lines.append(f"| {r['replicas']} | {e['rank_fast_equal']}/{e['decisions']} | {e['vector_ids_equal']}/{e['decisions']} | "
+                         f"{e['indexed_overlay_equal']}/{e['decisions']} | {r['x_prepare_us_per_view']:.2f} | "
+                         f"{r['x_vector_update_us_per_view']:.2f} |")
+        lines.append("")
+    lines += ["Code under test (sha256, 12 hex): " + ", ".join(f"{k} {v}" for k, v in out["machine"]["code_sha256_12"].items()), ""]
     verdict = out.get("verdict")
     if verdict:
         lines += [verdict, ""]
@@ -289,11 +356,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=4.0, help="seconds of timed calls per layer and size")
     ap.add_argument("--profile-at", type=int, default=100, help="cProfile rank_for at this size (0: off)")
+    ap.add_argument("--no-experiment", action="store_true", help="skip the bench/placement_fast.py layers")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     a = ap.parse_args(argv)
     sizes = [int(x) for x in a.sizes.split(",")]
     res = run(sizes, seed=a.seed, catalog_size=a.catalog_size, zipf_s=a.zipf_s, mix=a.mix, budget_s=a.budget_s,
-              spill_queue_len=a.spill_queue_len, profile_at=a.profile_at or None)
+              spill_queue_len=a.spill_queue_len, profile_at=a.profile_at or None, experiment=not a.no_experiment)
     out = {"machine": machine_info(),
            "params": {"sizes": sizes, "catalog_size": a.catalog_size, "zipf_s": a.zipf_s, "mix": a.mix,
                       "spill_queue_len": a.spill_queue_len, "seed": a.seed, "budget_s": a.budget_s},

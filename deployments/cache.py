@@ -351,6 +351,12 @@ class PipelineCache:
                 self._counters.shortfalls += 1
                 return plan
             self._claim(plan)
+            if tier is Tier.HOST:
+                # Claim the entry being reloaded too: moving a victim to a full host tier
+                # releases LRU host entries, and this one must not be among them
+                # (bench/repros/cache_host_self_eviction.py). It still counts as host
+                # bytes until it moves, so the victims' host room is judged conservatively.
+                self._claim([e])
         self._move_off_device(plan, evicting=True)
         with self._lock:
             if tier is Tier.DEVICE:

@@ -97,9 +97,13 @@ def release_all_and_wait(client: httpx.Client, replicas: int = 2) -> None:
     """Free every idle pipeline and wait until reports show empty replicas."""
     r = admin(client, "/v1/admin/release")
     assert r.status_code == 200, r.text
+    released_s = time.time()
 
     def empty() -> bool:
+        # Only reports taken after the release count: an older one may predate requests
+        # that the release freed, and counters read from it would be stale.
         reps = status(client)["replicas"]
-        return len(reps) == replicas and all(not x["entries"] and x["device_used_bytes"] == 0 for x in reps)
+        return len(reps) == replicas and all(
+            x["timestamp_s"] > released_s and not x["entries"] and x["device_used_bytes"] == 0 for x in reps)
 
     wait_for(empty, what="empty replicas after release")

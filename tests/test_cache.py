@@ -69,6 +69,21 @@ def test_host_tier_full_releases_lru_host_entries_first():
     assert cache.report().counters["releases"] == 1
 
 
+def test_host_reload_into_a_full_host_tier_never_drops_the_entry_being_reloaded():
+    # a on host (30 of 40); reloading a evicts b, whose offload needs host room. a is the
+    # only host entry but must not be released for it: b is released instead (counted).
+    cache, backend, clock = make(budget=60, host=40)
+    for n in ("a", "b", "c"):  # c evicts a -> host
+        use(cache, clock, n)
+    assert tiers(cache) == {"a": "host", "b": "device", "c": "device"}
+    backend.calls.clear()
+    assert use(cache, clock, "a").served_from is Tier.HOST
+    assert backend.calls == [("free", "b"), ("to_device", "a")]
+    assert tiers(cache) == {"c": "device", "a": "device"}
+    c = cache.report().counters
+    assert (c["host_full_releases"], c["evictions"], c["host_reloads"], c["releases"]) == (1, 2, 1, 1)
+
+
 def test_entry_larger_than_host_budget_is_released_and_counted():
     cache, backend, clock = make(host=20)
     for n in ("a", "b", "c", "d"):

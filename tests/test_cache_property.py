@@ -21,12 +21,13 @@ op = st.one_of(
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(op, max_size=40), host_tier=st.booleans(), delta=st.integers(-5, 15))
-def test_random_sequences_keep_invariants(ops, host_tier, delta):
+@given(ops=st.lists(op, max_size=40), host_tier=st.booleans(), delta=st.integers(-5, 15),
+       host_budget=st.sampled_from([30, 60, 100]))
+def test_random_sequences_keep_invariants(ops, host_tier, delta, host_budget):
     clock = FakeClock()
     backend = FakeBackend(dict(SIZES), measured_delta={"m3": delta})
     cache = PipelineCache(
-        CacheConfig(device_budget_bytes=BUDGET, host_budget_bytes=100, idle_offload_s=10, idle_release_s=30,
+        CacheConfig(device_budget_bytes=BUDGET, host_budget_bytes=host_budget, idle_offload_s=10, idle_release_s=30,
                     max_resident=3, host_tier=host_tier),
         backend, clock,
     )

@@ -1,0 +1,1 @@
+"""Minimal reproductions of problems the benchmarks found in code under test."""

@@ -1,0 +1,1 @@
+"""Cluster-scale discrete-event simulator driving the real placement ranking and PipelineCache."""

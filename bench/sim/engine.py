@@ -1,0 +1,558 @@
+"""Discrete-event simulation of a replica fleet under four caching/routing policies.
+
+What is real and what is modeled:
+- REAL: router.placement.rank (policies a, c, d), router.ledger.Ledger overlays,
+  router.request_router.view_from_report (views from reports), and one
+  deployments.cache.PipelineCache per replica (all policies) doing all bookkeeping:
+  LRU order, byte budgets, max_resident, host tier, pins, idle timers, counters.
+- MODELED: the backend (bench/sim/backend.py) returns instantly; the seconds its loads
+  and moves would take (bytes / bandwidth) are charged on the simulated clock. Inference
+  time per request is a per-variant constant divided by a per-profile speed factor.
+
+Replica model (as deployments/replica.py): one request runs at a time; acquire -> run ->
+release. At most ``max_ongoing`` requests (running + queued) per replica, as Ray's
+``max_ongoing_requests``; a request no replica can take waits at the router and is
+retried, oldest first, when a replica frees a slot. Device I/O is serialized per replica
+(the cache's I/O lock): a load waits for an offload still in progress.
+
+Router model for a, c, d (as router/request_router.py): every ``report_period_s`` each
+replica's cache.report() becomes its routing stats, the ledger forgets placements that
+report reflects, and per decision every replica's view is
+``ledger.overlay(view_from_report(report, queue_len))``; the request goes to the first
+ranked replica with queue room. The simulator keeps one Ledger per replica (every Ledger
+method filters by replica id, so this is the same state as one shared Ledger) and reuses a
+replica's overlaid view until its report, queue length or ledger changes: the views
+``rank`` sees are exactly those the router would build.
+
+Policy b models Ray Serve model multiplexing (ray/serve/_private/request_router): replicas
+holding the model, else those with the fewest models, else any; power-of-two least-queue
+among those with room. Each replica is a count-limited LRU (a PipelineCache with
+``max_resident = (budget - largest workspace) // largest weights`` over the checkpoints it
+can hold, no host tier): it can never over-commit. Ray has no notion of which replicas can
+hold a checkpoint; the model is given the same eligibility filter as policy a so that it is
+not charged for it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.sim.backend import SimBackend
+from bench.sim.model import Checkpoint, ReplicaSpec, Request
+from deployments.cache import CacheConfig, Lease, PipelineCache, Shortfall
+from router.ledger import Ledger
+from router.placement import ReplicaView, rank
+
+POLICIES = {
+    "a": "router: placement.rank + byte-budget LRU with host tier",
+    "b": "Ray multiplexing: count-limited LRU, multiplex routing",
+    "c": "unload after every request",
+    "d": "offload to host after every request",
+}
+
+NEVER = 1e12  # idle timers that never fire within a simulation
+
+
+@dataclass(frozen=True)
+class SimParams:
+    disk_gbps: float = 2.0  # disk -> device, GB/s
+    h2d_gbps: float = 12.0  # host -> device (pinned PCIe), GB/s
+    d2h_gbps: float = 12.0  # device -> host, GB/s
+    max_ongoing: int = 8  # Ray max_ongoing_requests per replica
+    spill_queue_len: int = 4
+    report_period_s: float = 1.0  # routing_stats_period_s
+    tick_period_s: float = 1.0  # idle_check_period_s
+    idle_timers: bool = True  # policy a: profile idle_offload_s / idle_release_s
+    age_reports: bool = True  # reuse an unchanged replica's last report, aged (see _refresh_reports)
+    sample_every: int = 100  # keep every n-th decision's inputs to time bench/placement_fast.py on (0: off)
+    seed: int = 1
+
+
+@dataclass
+class Job:
+    req: Request
+    ck: Checkpoint
+    key: str
+    routed_s: float = 0.0
+    start_s: float = 0.0
+    load_s: float = 0.0
+    served_from: str = ""
+    lease: Lease | None = None
+    replica: int = -1
+
+
+@dataclass
+class Rep:
+    spec: ReplicaSpec
+    cache: PipelineCache
+    backend: SimBackend
+    ledger: Ledger
+    queue: deque = field(default_factory=deque)
+    running: Job | None = None
+    ongoing: int = 0  # running + queued (what Ray's queue-length cache reports)
+    io_free_s: float = 0.0
+    report_src: dict[str, Any] | None = None  # the last real report's routing stats
+    changed: bool = True  # the cache changed since report_src was taken
+    base_view: ReplicaView | None = None
+    view: ReplicaView | None = None
+    dirty: bool = True
+    peak_report_bytes: int = 0
+    report_overcommits: int = 0
+    models: frozenset = frozenset()  # device-resident names (what Ray's multiplexed_model_ids reports)
+
+
+class Clock:
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def mux_capacity(budget: int, eligible: list[Checkpoint]) -> int:
+    """Ray multiplexing's max_num_models_per_replica for one replica: never over-commits."""
+    if not eligible:
+        return 1
+    largest_w = max(c.weights_bytes for c in eligible)
+    largest_ws = max(c.workspace_bytes for c in eligible)
+    return max(1, (budget - largest_ws) // largest_w)
+
+
+class Simulation:
+    def __init__(self, policy: str, fleet: list[ReplicaSpec], catalog: list[Checkpoint], trace: list[Request],
+                 params: SimParams):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+        from router.request_router import view_from_report  # imports ray (not started)
+
+        self._view_from_report = view_from_report
+        self.policy, self.fleet, self.catalog, self.trace, self.p = policy, fleet, catalog, trace, params
+        self.clock = Clock()
+        self.rng = random.Random(params.seed * 1009 + ord(policy))
+        sizes = {c.name: c.weights_bytes for c in catalog}
+        self.reps: list[Rep] = []
+        # Eligibility: which checkpoints each replica's budget can ever hold (weights + workspace).
+        self.eligible: list[bytearray] = []
+        self.mux_cap: list[int] = []
+        for spec in fleet:
+            prof = spec.profile
+            budget = prof.device_budget_bytes
+            elig = [c for c in catalog if c.total_bytes <= budget]
+            self.eligible.append(bytearray(c.total_bytes <= budget for c in catalog))
+            if policy == "a":
+                cfg = CacheConfig(device_budget_bytes=budget, host_budget_bytes=prof.host_budget_bytes,
+                                  idle_offload_s=prof.idle_offload_s if params.idle_timers else NEVER,
+                                  idle_release_s=prof.idle_release_s if params.idle_timers else NEVER,
+                                  max_resident=prof.max_resident_pipelines, host_tier=True)
+            elif policy == "b":
+                cap = mux_capacity(budget, elig)
+                self.mux_cap.append(cap)
+                cfg = CacheConfig(device_budget_bytes=budget, host_budget_bytes=0, idle_offload_s=NEVER,
+                                  idle_release_s=NEVER, max_resident=cap, host_tier=False)
+            elif policy == "c":
+                cfg = CacheConfig(device_budget_bytes=budget, host_budget_bytes=0, idle_offload_s=NEVER,
+                                  idle_release_s=NEVER, max_resident=prof.max_resident_pipelines, host_tier=False)
+            else:
+                cfg = CacheConfig(device_budget_bytes=budget, host_budget_bytes=prof.host_budget_bytes,
+                                  idle_offload_s=NEVER, idle_release_s=NEVER,
+                                  max_resident=prof.max_resident_pipelines, host_tier=True)
+            backend = SimBackend(sizes, capacity_bytes=budget, disk_bps=params.disk_gbps * 1e9,
+                                 h2d_bps=params.h2d_gbps * 1e9, d2h_bps=params.d2h_gbps * 1e9)
+            self.reps.append(Rep(spec, PipelineCache(cfg, backend, self.clock), backend, Ledger()))
+        if any(not any(e[c.index] for e in self.eligible) for c in catalog):
+            raise ValueError("some checkpoint fits no replica of the fleet; add a larger profile to --mix")
+        self.events: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self.pending: deque[Job] = deque()
+        self.done: list[Job] = []
+        self.decisions = 0
+        self.rank_ns = 0
+        self.view_ns = 0
+        self.shortfalls = 0
+        self.pending_max = 0
+        self.uses_rank = policy in ("a", "c", "d")
+        self.real_reports = 0
+        self.aged_reports = 0
+        self.views_rebuilt = 0
+        self.acquire_errors: dict[str, int] = {}
+        self.samples: list[tuple[list[ReplicaView], Any]] = []
+
+    # ---- event queue -------------------------------------------------------------------------
+    ARRIVE, COMPLETE, REPORT, TICK = 0, 1, 2, 3
+
+    def _push(self, t: float, kind: int, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, kind, self._seq, payload))
+
+    # ---- router side -------------------------------------------------------------------------
+    def _refresh_reports(self) -> None:
+        """Every report period: each replica's routing stats, as ModelReplica.memory_report().
+
+        A replica whose cache did nothing since its last real report (no acquire, release,
+        tick action or admin call) would report the same entries, only idler: its last real
+        report is reused with every unpinned entry's ``idle_s`` aged by the time elapsed
+        (equal to a fresh report up to its 1 ms rounding), which saves most report() calls.
+        """
+        now = self.clock.t
+        for r in self.reps:
+            if r.changed or r.report_src is None or not self.p.age_reports:
+                rep = r.cache.report()
+                prof = r.spec.profile
+                stats = {
+                    "default_dtype": prof.default_dtype,
+                    "max_resident": prof.max_resident_pipelines,
+                    "device_budget_bytes": rep.device_budget_bytes,
+                    "device_used_bytes": rep.device_used_bytes,
+                    "entries": [{"name": e.name, "tier": e.tier, "bytes": e.bytes, "idle_s": e.idle_s,
+                                 "in_use": e.in_use} for e in rep.entries],
+                    "timestamp_s": now,
+                }
+                self._check_report(r, rep.device_used_bytes, rep.device_budget_bytes, rep.counters)
+                r.report_src, r.changed = stats, False
+                self.real_reports += 1
+            else:
+                src = r.report_src
+                dt = now - src["timestamp_s"]
+                stats = dict(src, timestamp_s=now, entries=[
+                    e if e["in_use"] else dict(e, idle_s=round(e["idle_s"] + dt, 3)) for e in src["entries"]])
+                self.aged_reports += 1
+            r.base_view = self._view_from_report(r.spec.replica_id, stats, 0)
+            r.ledger.report_arrived(r.spec.replica_id, now)
+            r.dirty = True
+
+    def _check_report(self, r: Rep, used: int, budget: int, counters: dict[str, int]) -> None:
+        if used > r.peak_report_bytes:
+            r.peak_report_bytes = used
+        if used > budget or counters.get("oom_recoveries", 0):
+            r.report_overcommits += 1
+
+    def _views(self) -> list[ReplicaView]:
+        """What rank_for builds per decision: ledger.overlay(view_from_report(stats, queue_len)).
+
+        Rebuilt only for replicas whose report, queue length or ledger changed since the last
+        decision; an empty ledger's overlay equals its input, so it is skipped.
+        """
+        t0 = time.perf_counter_ns()
+        out = []
+        for r in self.reps:
+            if r.dirty:
+                b = r.base_view
+                v = b if b.queue_len == r.ongoing else ReplicaView(
+                    b.replica_id, b.budget_bytes, b.used_bytes, b.default_dtype, b.entries, r.ongoing, b.max_resident)
+                r.view = r.ledger.overlay(v) if len(r.ledger) else v
+                r.dirty = False
+                self.views_rebuilt += 1
+            out.append(r.view)
+        self.view_ns += time.perf_counter_ns() - t0
+        return out
+
+    def _choose_rank(self, job: Job) -> int | None:
+        views = self._views()
+        t0 = time.perf_counter_ns()
+        placements = rank(views, job.ck.need, spill_queue_len=self.p.spill_queue_len)
+        self.rank_ns += time.perf_counter_ns() - t0
+        self.decisions += 1
+        if self.p.sample_every and self.decisions % self.p.sample_every == 0:
+            self.samples.append((views, job.ck.need))
+        cap = self.p.max_ongoing
+        for pl in placements:
+            i = int(pl.replica_id[1:])
+            if self.reps[i].ongoing < cap:
+                return i
+        return None
+
+    def _choose_mux(self, job: Job) -> int | None:
+        ck = job.ck.index
+        cap = self.p.max_ongoing
+        elig = [i for i, e in enumerate(self.eligible) if e[ck]]
+        name = job.ck.name
+        reps = self.reps
+        holding = [i for i in elig if name in reps[i].models]
+        tiers = []
+        if holding:
+            tiers.append(holding)
+        fewest = min(len(reps[i].models) for i in elig)
+        tiers.append([i for i in elig if len(reps[i].models) == fewest])
+        tiers.append(elig)
+        self.decisions += 1
+        for cands in tiers:
+            room = [i for i in cands if self.reps[i].ongoing < cap]
+            if not room:
+                continue
+            if len(room) == 1:
+                return room[0]
+            a, b = self.rng.sample(room, 2)
+            return a if self.reps[a].ongoing <= self.reps[b].ongoing else b
+        return None
+
+    def _route(self, job: Job) -> bool:
+        now = self.clock.t
+        i = self._choose_rank(job) if self.uses_rank else self._choose_mux(job)
+        if i is None:
+            return False
+        r = self.reps[i]
+        job.replica, job.routed_s = i, now
+        if self.uses_rank:
+            r.ledger.routed(job.key, r.spec.replica_id, job.ck.name, weights_bytes=job.ck.need.at(r.spec.profile.default_dtype)[0],
+                            now_s=now)
+        r.ongoing += 1
+        r.dirty = True
+        if r.running is None:
+            self._start(r, job)
+        else:
+            r.queue.append(job)
+        return True
+
+    def _retry_pending(self, freed: int) -> None:
+        """A slot freed on replica ``freed``: route the oldest pending job that can use it."""
+        elig = self.eligible[freed]
+        for k, job in enumerate(self.pending):
+            if elig[job.ck.index]:
+                del self.pending[k]
+                if not self._route(job):  # cannot happen: ``freed`` has room
+                    self.pending.appendleft(job)
+                return
+
+    # ---- replica side ------------------------------------------------------------------------
+    def _start(self, r: Rep, job: Job) -> None:
+        now = self.clock.t
+        ck = job.ck
+        try:
+            lease = r.cache.acquire(ck.name, weights_bytes=ck.weights_bytes, workspace_bytes=ck.workspace_bytes,
+                                    offloadable=ck.variant.offloadable)
+        except Exception as exc:  # noqa: BLE001 - a backend error: the replica answers 500
+            # Counted by exception type; the client retries the request. (The host-tier
+            # self-eviction bug of bench/repros/cache_host_self_eviction.py showed up here.)
+            self.acquire_errors[type(exc).__name__] = self.acquire_errors.get(type(exc).__name__, 0) + 1
+            r.backend.drain()
+            r.changed = True
+            r.ongoing -= 1
+            r.dirty = True
+            if not self._route(job):
+                self.pending.append(job)
+            self._next(r)
+            return
+        r.changed = True
+        if isinstance(lease, Shortfall):
+            # The replica answers 503; the ingress retries: back to the router.
+            self.shortfalls += 1
+            r.backend.drain()
+            r.ongoing -= 1
+            r.dirty = True
+            if not self._route(job):
+                self.pending.append(job)
+            self._next(r)
+            return
+        io = r.backend.drain()
+        begin = max(now, r.io_free_s)
+        r.io_free_s = begin + io
+        r.backend.set_workspace(ck.workspace_bytes)
+        rep = r.cache.report()
+        self._check_report(r, rep.device_used_bytes, rep.device_budget_bytes, rep.counters)
+        if self.policy == "b":
+            r.models = frozenset(e.name for e in rep.entries if e.tier == "device")
+        job.lease, job.start_s, job.load_s = lease, now, io
+        job.served_from = lease.served_from.value
+        r.running = job
+        r.dirty = True
+        self._push(begin + io + ck.variant.infer_s / r.spec.speed, self.COMPLETE, r.spec.index)
+
+    def _complete(self, r: Rep) -> None:
+        now = self.clock.t
+        job = r.running
+        r.running = None
+        job.lease.release()
+        job.lease = None
+        r.changed = True
+        r.backend.set_workspace(0)
+        if self.policy == "c":
+            r.cache.release(job.ck.name)
+        elif self.policy == "d":
+            r.cache.offload(job.ck.name)
+        io = r.backend.drain()
+        if io:
+            r.io_free_s = max(now, r.io_free_s) + io
+        if self.uses_rank:
+            r.ledger.completed(job.key, r.spec.replica_id, now_s=now)
+        r.ongoing -= 1
+        r.dirty = True
+        self.done.append(job)
+        self._latency.append(now - job.req.arrival_s)
+        self._next(r)
+        self._retry_pending(r.spec.index)
+
+    def _next(self, r: Rep) -> None:
+        if r.running is None and r.queue:
+            self._start(r, r.queue.popleft())
+
+    def _tick(self) -> None:
+        now = self.clock.t
+        for r in self.reps:
+            if r.io_free_s > now:
+                continue  # a load or move holds the cache's I/O lock: tick() would skip
+            if r.cache.tick():
+                r.changed = True
+                io = r.backend.drain()
+                if io:
+                    r.io_free_s = now + io
+                r.dirty = True
+
+    # ---- main loop ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        wall0 = time.perf_counter()
+        self._latency: list[float] = []
+        for req in self.trace:
+            self._push(req.arrival_s, self.ARRIVE, req)
+        if self.uses_rank:
+            self._refresh_reports()
+            self._push(self.p.report_period_s, self.REPORT, None)
+        if self.policy == "a" and self.p.idle_timers:
+            self._push(self.p.tick_period_s, self.TICK, None)
+        n = len(self.trace)
+        while self.events and len(self.done) < n:
+            t, kind, _, payload = heapq.heappop(self.events)
+            self.clock.t = t
+            if kind == self.ARRIVE:
+                job = Job(payload, self.catalog[payload.checkpoint], f"q{payload.index}")
+                if not self._route(job):
+                    self.pending.append(job)
+                    if len(self.pending) > self.pending_max:
+                        self.pending_max = len(self.pending)
+            elif kind == self.COMPLETE:
+                self._complete(self.reps[payload])
+            elif kind == self.REPORT:
+                self._refresh_reports()
+                self._push(t + self.p.report_period_s, self.REPORT, None)
+            else:
+                self._tick()
+                self._push(t + self.p.tick_period_s, self.TICK, None)
+        self.end_s = self.clock.t
+        self.wall_s = time.perf_counter() - wall0
+        return self.metrics()
+
+    # ---- results -----------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        from bench.sim.stats import percentile
+
+        n = len(self.trace)
+        lat = sorted(self._latency)
+        served = {"device": 0, "host": 0, "disk": 0}
+        for j in self.done:
+            served[j.served_from] += 1
+        counters: dict[str, int] = {}
+        for r in self.reps:
+            for k, v in r.cache.report().counters.items():
+                counters[k] = counters.get(k, 0) + v
+        be = [r.backend for r in self.reps]
+        ratios = [max(r.peak_report_bytes, r.backend.peak_bytes) / r.spec.profile.device_budget_bytes for r in self.reps]
+        queue_s = sorted(j.start_s - j.req.arrival_s for j in self.done)
+        load_s = sorted(j.load_s for j in self.done)
+        out = {
+            "policy": self.policy,
+            "description": POLICIES[self.policy],
+            "requests": n,
+            "completed": len(self.done),
+            "sim_end_s": round(self.end_s, 3),
+            "throughput_rps": len(self.done) / self.end_s if self.end_s else 0.0,
+            "latency_s": {"p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
+                          "mean": sum(lat) / len(lat) if lat else 0.0, "max": lat[-1] if lat else 0.0},
+            "queue_s": {"p50": percentile(queue_s, 50), "p99": percentile(queue_s, 99)},
+            "load_wait_s": {"p50": percentile(load_s, 50), "p99": percentile(load_s, 99)},
+            "hit_rate": served["device"] / n,
+            "served_from": served,
+            "host_reloads": sum(b.host_reloads for b in be),
+            "disk_loads": sum(b.disk_loads for b in be),
+            "load_gpu_s": sum(b.load_s for b in be),
+            "offload_gpu_s": sum(b.offload_s for b in be),
+            "evictions": counters.get("evictions", 0),
+            "cache_counters": counters,
+            "oom": sum(b.oom_events for b in be) + sum(r.report_overcommits for r in self.reps),
+            "oom_physical": sum(b.oom_events for b in be),
+            "report_overcommits": sum(r.report_overcommits for r in self.reps),
+            "peak_over_budget_max": max(ratios),
+            "peak_over_budget_mean": sum(ratios) / len(ratios),
+            "shortfalls": self.shortfalls,
+            "acquire_errors": dict(self.acquire_errors),
+            "router_pending_max": self.pending_max,
+            "decisions": self.decisions,
+            "leaked": sum(r.cache.report().leaked_modules for r in self.reps),
+        }
+        out["replicas"] = [
+            {"id": r.spec.replica_id, "profile": r.spec.profile.name, "budget_bytes": r.spec.profile.device_budget_bytes,
+             "peak_report_bytes": r.peak_report_bytes, "peak_physical_bytes": r.backend.peak_bytes,
+             "oom_physical": r.backend.oom_events, "report_overcommits": r.report_overcommits}
+            for r in self.reps]
+        if self.policy == "b":
+            out["mux_capacity"] = {"min": min(self.mux_cap), "max": max(self.mux_cap),
+                                   "total": sum(self.mux_cap)}
+        out["wall"] = {
+            "sim_s": round(self.wall_s, 3),
+            "rank_s": self.rank_ns / 1e9,
+            "reports_real": self.real_reports,
+            "reports_aged": self.aged_reports,
+            "view_s": self.view_ns / 1e9,
+            "decisions_per_s": (self.decisions / (self.rank_ns / 1e9)) if self.rank_ns else None,
+        }
+        if self.uses_rank and self.samples:
+            out["fast_rank_experiment"] = self.fast_check()
+        out["_latencies"] = lat
+        return out
+
+    def fast_check(self) -> dict[str, Any]:
+        """Time the real rank against bench/placement_fast.py on sampled decisions' inputs."""
+        from bench import placement_fast as fast
+        from bench.sim.stats import percentile
+
+        sp = self.p.spill_queue_len
+        real_ns, fast_ns, ids_ns, vec_ns, equal, vec_equal = [], [], [], [], 0, 0
+        prep_ns, prep_n, upd_ns = 0, 0, 0
+        clock = time.perf_counter_ns
+        for views, need in self.samples:
+            t0 = clock()
+            prepared = [fast.prepare(v) for v in views]
+            prep_ns += clock() - t0
+            prep_n += len(views)
+            t0 = clock()
+            a = rank(views, need, spill_queue_len=sp)
+            t1 = clock()
+            b = fast.rank_fast(prepared, need, spill_queue_len=sp)
+            t2 = clock()
+            fast.rank_ids(prepared, need, spill_queue_len=sp)
+            t3 = clock()
+            vec = fast.VectorRanker(views)
+            vec.rank_ids(need, spill_queue_len=sp)  # warm up
+            t4 = clock()
+            ids = vec.rank_ids(need, spill_queue_len=sp)
+            t5 = clock()
+            vec.update(0, views[0])
+            upd_ns += clock() - t5
+            real_ns.append(t1 - t0)
+            fast_ns.append(t2 - t1)
+            ids_ns.append(t3 - t2)
+            vec_ns.append(t5 - t4)
+            equal += fast.check_equal(a, b)
+            vec_equal += ids == [p.replica_id for p in a]
+        real_ns.sort(), fast_ns.sort(), ids_ns.sort(), vec_ns.sort()
+        prep_us = prep_ns / prep_n / 1e3
+        rebuilt = self.views_rebuilt / self.decisions
+        ids_p50 = percentile(ids_ns, 50) / 1e3
+        return {
+            "samples": len(self.samples), "equal": equal,
+            "rank_us_p50": percentile(real_ns, 50) / 1e3, "rank_us_p99": percentile(real_ns, 99) / 1e3,
+            "rank_fast_us_p50": percentile(fast_ns, 50) / 1e3, "rank_fast_us_p99": percentile(fast_ns, 99) / 1e3,
+            "rank_ids_us_p50": ids_p50, "rank_ids_us_p99": percentile(ids_ns, 99) / 1e3,
+            "vector_equal": vec_equal,
+            "vector_ids_us_p50": percentile(vec_ns, 50) / 1e3, "vector_ids_us_p99": percentile(vec_ns, 99) / 1e3,
+            "vector_update_us_per_view": upd_ns / len(self.samples) / 1e3,
+            "prepare_us_per_view": prep_us,
+            "views_changed_per_decision": rebuilt,
+            "real_rank_decisions_per_s_p50": 1e6 / (percentile(real_ns, 50) / 1e3),
+            "vector_decisions_per_s_p50": 1e6 / (percentile(vec_ns, 50) / 1e3),
+        }

@@ -1,0 +1,83 @@
+"""The cluster simulator (bench/sim) on its --small preset: completes, safe, deterministic.
+
+Drives the real router.placement.rank and deployments.cache.PipelineCache; runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.sim.runner import main, parser, scenario_from_args, simulate, strip_private
+
+
+def _volatile_free(res: dict) -> str:
+    """Everything but wall-clock measurements, as canonical JSON."""
+    clean = strip_private(res)
+    clean.pop("wall_s", None)
+    for m in clean["policies"].values():
+        m.pop("wall", None)
+        m.pop("fast_rank_experiment", None)
+    return json.dumps(clean, sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def small() -> dict:
+    sc = scenario_from_args(parser().parse_args(["--small"]))
+    assert (sc.replicas, sc.checkpoints, sc.requests) == (8, 40, 400)
+    return simulate(sc, jobs=1)
+
+
+def test_every_request_completes_under_every_policy(small):
+    assert set(small["policies"]) == {"a", "b", "c", "d"}
+    for k, m in small["policies"].items():
+        assert m["completed"] == m["requests"] == 400, k
+        assert sum(m["served_from"].values()) == 400, k
+        assert len(m["_latencies"]) == 400 and min(m["_latencies"]) > 0, k
+
+
+def test_router_policy_never_overcommits(small):
+    a = small["policies"]["a"]
+    assert a["oom"] == 0 and a["oom_physical"] == 0 and a["report_overcommits"] == 0
+    assert a["cache_counters"]["oom_recoveries"] == 0
+    assert len(a["replicas"]) == 8
+    for r in a["replicas"]:
+        assert 0 < r["peak_report_bytes"] <= r["budget_bytes"], r
+        assert r["peak_physical_bytes"] <= r["budget_bytes"], r
+    assert a["peak_over_budget_max"] <= 1.0
+
+
+def test_unload_after_every_request_never_hits(small):
+    c = small["policies"]["c"]
+    assert c["hit_rate"] == 0.0 and c["served_from"]["device"] == 0 and c["cache_counters"]["hits"] == 0
+    assert c["disk_loads"] == 400
+
+
+def test_router_beats_multiplexing_hit_rate_on_zipf_with_10x_sizes(small):
+    variants = small["assumptions"]["variants"]
+    used = [v for v in variants if small["world"]["catalog_variants"][v["variant"]] > 0]
+    sizes = [v["weights_gb"] for v in used]
+    assert max(sizes) / min(sizes) >= 10
+    assert small["scenario"]["zipf_s"] == pytest.approx(1.1)
+    a, b = small["policies"]["a"], small["policies"]["b"]
+    assert a["hit_rate"] > b["hit_rate"], (a["hit_rate"], b["hit_rate"])
+
+
+def test_offload_policy_reloads_from_host(small):
+    d = small["policies"]["d"]
+    assert d["hit_rate"] == 0.0
+    assert d["host_reloads"] > 0 and d["host_reloads"] + d["disk_loads"] == 400
+
+
+def test_deterministic_for_a_fixed_seed(small):
+    again = simulate(scenario_from_args(parser().parse_args(["--small"])), jobs=1)
+    assert _volatile_free(again) == _volatile_free(small)
+
+
+def test_command_line_writes_results(tmp_path):
+    main(["--small", "--policies", "ab", "--jobs", "1", "--out", str(tmp_path), "--name", "t"])
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert set(data["policies"]) == {"a", "b"}
+    assert (tmp_path / "t.md").read_text().startswith("# Cluster simulation")
+    assert (tmp_path / "t_latency_cdf.png").stat().st_size > 0 and (tmp_path / "t_hit_rate.png").stat().st_size > 0
