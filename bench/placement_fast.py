@@ -1,4 +1,4 @@
-"""EXPERIMENT, not used by the router: a faster equivalent of router.placement.rank.
+"""Reference implementation of router.placement.rank, written independently (not used by the router).
 
 A proposal with numbers (see bench/placement_speed.py --experiment), written against the
 place_one semantics of router/placement.py at the time of writing. ``check_equal`` compares

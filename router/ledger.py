@@ -5,12 +5,18 @@ checkpoint would see "not resident anywhere" on every replica and load it everyw
 ledger overlays each placement on the replica's last report until a report taken after the
 request completed has arrived (that report shows the checkpoint where it really is).
 
+Placements are indexed by replica, so one replica's overlay costs its own placements, not
+the whole ledger's (a decision overlays every replica: O(total) instead of
+O(replicas x total)). ``version(replica_id)`` changes whenever that replica's placements
+do, so callers may cache an overlaid view until it changes.
+
 Pure: times are passed in (wall-clock seconds, since reports come from other processes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 from router.placement import EntryView, ReplicaView
@@ -27,54 +33,80 @@ class _Placed:
 
 class Ledger:
     def __init__(self) -> None:
-        self._placed: dict[str, _Placed] = {}  # request id -> placement
+        self._by_replica: dict[str, dict[str, _Placed]] = {}  # replica id -> request id -> placement
+        self._where: dict[str, str] = {}  # request id -> replica id
+        self._versions: dict[str, int] = {}
+        self._next_version = itertools.count(1)
+
+    def _touch(self, replica_id: str) -> None:
+        # Versions are unique across replicas and never reused, even after replica_gone.
+        self._versions[replica_id] = next(self._next_version)
 
     def routed(self, request_id: str, replica_id: str, checkpoint: str, *, weights_bytes: int, now_s: float) -> None:
         """Record (or move) ``request_id``'s placement. Called when the router picks a replica
         (tentative: the next request of a burst must see it at once) and again when the
         replica accepts, which may be another replica."""
-        self._placed[request_id] = _Placed(replica_id, checkpoint, weights_bytes, now_s)
+        old = self._where.get(request_id)
+        if old is not None and old != replica_id:
+            placed = self._by_replica.get(old)
+            if placed is not None:
+                placed.pop(request_id, None)
+                self._touch(old)
+        self._where[request_id] = replica_id
+        self._by_replica.setdefault(replica_id, {})[request_id] = _Placed(replica_id, checkpoint, weights_bytes, now_s)
+        self._touch(replica_id)
 
     def completed(self, request_id: str, replica_id: str, *, now_s: float) -> None:
-        p = self._placed.get(request_id)
-        if p is not None and p.replica_id == replica_id and p.completed_s is None:
+        p = self._by_replica.get(replica_id, {}).get(request_id)
+        if p is not None and p.completed_s is None:
             p.completed_s = now_s
+            self._touch(replica_id)
 
     def replica_gone(self, replica_id: str) -> None:
-        self._placed = {k: p for k, p in self._placed.items() if p.replica_id != replica_id}
+        for request_id in self._by_replica.pop(replica_id, {}):
+            self._where.pop(request_id, None)
+        self._touch(replica_id)
 
     def report_arrived(self, replica_id: str, report_s: float, *, max_age_s: float = 600.0) -> None:
         """Forget placements on ``replica_id`` that completed before its report was taken,
         and any older than ``max_age_s`` (a completion callback that never came)."""
-        def keep(p: _Placed) -> bool:
-            if p.replica_id != replica_id:
-                return True
-            done = p.completed_s is not None and p.completed_s < report_s
-            return not done and p.routed_s >= report_s - max_age_s
+        placed = self._by_replica.get(replica_id)
+        if not placed:
+            return
+        gone = [k for k, p in placed.items()
+                if (p.completed_s is not None and p.completed_s < report_s) or p.routed_s < report_s - max_age_s]
+        for k in gone:
+            del placed[k]
+            self._where.pop(k, None)
+        if gone:
+            self._touch(replica_id)
 
-        self._placed = {k: p for k, p in self._placed.items() if keep(p)}
+    def version(self, replica_id: str) -> int:
+        """Changes whenever ``replica_id``'s placements change (0: never had any)."""
+        return self._versions.get(replica_id, 0)
 
     def pending(self, replica_id: str) -> list[tuple[str, int]]:
         """(checkpoint, in-flight count) placed on ``replica_id`` and not yet reflected."""
         counts: dict[str, int] = {}
-        for p in self._placed.values():
-            if p.replica_id == replica_id:
-                counts[p.checkpoint] = counts.get(p.checkpoint, 0) + (p.completed_s is None)
+        for p in self._by_replica.get(replica_id, {}).values():
+            counts[p.checkpoint] = counts.get(p.checkpoint, 0) + (p.completed_s is None)
         return sorted(counts.items())
 
     def overlay(self, view: ReplicaView) -> ReplicaView:
-        """``view`` with this router's unreflected placements applied.
+        """``view`` with this router's unreflected placements applied (``view`` itself when
+        there are none).
 
         A checkpoint placed here but not on the device in the report counts as resident (at
         its estimated weights) and in use while requests for it are in flight. Workspace is
         not added per request: a replica runs one pipeline at a time and queued requests
         show in the queue length, which ranks and spills.
         """
+        placed = self._by_replica.get(view.replica_id)
+        if not placed:
+            return view
         entries = dict(view.entries)
         used = view.used_bytes
-        for p in self._placed.values():
-            if p.replica_id != view.replica_id:
-                continue
+        for p in placed.values():
             current = entries.get(p.checkpoint)
             if current is None or current.tier != "device":
                 entries[p.checkpoint] = EntryView("device", p.weights_bytes, 0.0, int(p.completed_s is None))
@@ -84,4 +116,4 @@ class Ledger:
         return dataclasses.replace(view, entries=entries, used_bytes=used)
 
     def __len__(self) -> int:
-        return len(self._placed)
+        return len(self._where)

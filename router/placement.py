@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
 
@@ -40,7 +41,11 @@ class EntryView:
 
 @dataclass(frozen=True)
 class ReplicaView:
-    """One replica as placement sees it: its last report plus this router's ledger."""
+    """One replica as placement sees it: its last report plus this router's ledger.
+
+    Immutable, so what does not depend on the request (device entry count, eviction order)
+    is computed once per view and reused by every decision that sees the same view.
+    """
 
     replica_id: str
     budget_bytes: int
@@ -53,6 +58,17 @@ class ReplicaView:
     @property
     def free_bytes(self) -> int:
         return self.budget_bytes - self.used_bytes
+
+    @cached_property
+    def resident_count(self) -> int:
+        return sum(1 for e in self.entries.values() if e.tier == "device")
+
+    @cached_property
+    def victim_order(self) -> tuple[tuple[int, float, bool], ...]:
+        """(bytes, idle_s, in use) of device entries in eviction order: idle before in use,
+        most idle first (the cache's LRU order); ties keep report order."""
+        dev = sorted((e for e in self.entries.values() if e.tier == "device"), key=lambda e: (e.in_use > 0, -e.idle_s))
+        return tuple((e.bytes, e.idle_s, e.in_use > 0) for e in dev)
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,44 @@ class Placement:
         return (self.spilled, self.rank, self.evict_bytes, -self.victims_idle_s, self.queue_len)
 
 
+def _score(view: ReplicaView, checkpoint: str, weights: int, workspace: int, queue_len: int,
+           spill_queue_len: int, index: int = 0) -> tuple | None:
+    """The sort key of one replica for one need: (spilled, rank, evict bytes, -victims idle s,
+    queue length, index, victims idle s); None when the need can never fit the budget. The
+    index (the view's position) makes ties keep view order."""
+    entry = view.entries.get(checkpoint)
+    spilled = queue_len >= spill_queue_len
+    if entry is not None and entry.tier == "device":
+        if entry.bytes + workspace > view.budget_bytes:
+            return None
+        return (spilled, Rank.ON_DEVICE, 0, -0.0, queue_len, index, 0.0)
+    if entry is not None and entry.tier == "host":
+        rank_, required = Rank.ON_HOST, entry.bytes + workspace
+    else:
+        rank_, required = Rank.FITS, weights + workspace
+    budget = view.budget_bytes
+    if required > budget:
+        return None
+    free, resident, max_resident = budget - view.used_bytes, view.resident_count, view.max_resident
+    if free >= required and resident < max_resident:
+        return (spilled, rank_, 0, -0.0, queue_len, index, 0.0)
+    # The requested checkpoint is not on this device here, so every device entry is a
+    # candidate victim.
+    evicted, idle_sum, busy = 0, 0.0, False
+    for nbytes, idle_s, in_use in view.victim_order:
+        if free >= required and resident < max_resident:
+            break
+        free += nbytes
+        evicted += nbytes
+        idle_sum += idle_s
+        resident -= 1
+        busy = busy or in_use
+    if busy or not (free >= required and resident < max_resident):
+        return (spilled, Rank.BUSY, evicted, -idle_sum, queue_len, index, idle_sum)
+    # Reloading from host keeps its rank: it is cheaper than any disk load, even with evictions.
+    return (spilled, rank_ if rank_ is Rank.ON_HOST else Rank.EVICT, evicted, -idle_sum, queue_len, index, idle_sum)
+
+
 def place_one(view: ReplicaView, need: Need, *, spill_queue_len: int) -> Placement | None:
     """Score one replica; None when the need can never fit its budget.
 
@@ -95,51 +149,49 @@ def place_one(view: ReplicaView, need: Need, *, spill_queue_len: int) -> Placeme
     (the cache's LRU order); needing entries that are in use ranks BUSY (wait, then evict).
     """
     weights, workspace = need.at(view.default_dtype)
-    entry = view.entries.get(need.checkpoint)
-    spilled = view.queue_len >= spill_queue_len
-    if entry is not None and entry.tier == "device":
-        if entry.bytes + workspace > view.budget_bytes:
-            return None
-        return Placement(view.replica_id, Rank.ON_DEVICE, 0, 0.0, view.queue_len, spilled)
-    if entry is not None and entry.tier == "host":
-        rank_, required = Rank.ON_HOST, entry.bytes + workspace
-    else:
-        rank_, required = Rank.FITS, weights + workspace
-    if required > view.budget_bytes:
+    key = _score(view, need.checkpoint, weights, workspace, view.queue_len, spill_queue_len)
+    if key is None:
         return None
-    resident = sum(1 for e in view.entries.values() if e.tier == "device")
-
-    def fits(free: int, resident: int) -> bool:
-        return free >= required and resident < view.max_resident
-
-    if fits(view.free_bytes, resident):
-        return Placement(view.replica_id, rank_, 0, 0.0, view.queue_len, spilled)
-    victims = sorted(
-        ((name, e) for name, e in view.entries.items() if e.tier == "device" and name != need.checkpoint),
-        key=lambda ne: (ne[1].in_use > 0, -ne[1].idle_s),
-    )
-    free, evicted, idle_sum, busy = view.free_bytes, 0, 0.0, False
-    for _, e in victims:
-        if fits(free, resident):
-            break
-        free += e.bytes
-        evicted += e.bytes
-        idle_sum += e.idle_s
-        resident -= 1
-        busy = busy or e.in_use > 0
-    if busy or not fits(free, resident):
-        return Placement(view.replica_id, Rank.BUSY, evicted, idle_sum, view.queue_len, spilled)
-    # Reloading from host keeps its rank: it is cheaper than any disk load, even with evictions.
-    return Placement(view.replica_id, rank_ if rank_ is Rank.ON_HOST else Rank.EVICT, evicted, idle_sum,
-                     view.queue_len, spilled)
+    spilled, rank_, evicted, _, queue_len, _, idle_sum = key
+    return Placement(view.replica_id, Rank(rank_), evicted, idle_sum, queue_len, spilled)
 
 
-def rank(views: Iterable[ReplicaView], need: Need, *, spill_queue_len: int = 4) -> list[Placement]:
-    """All replicas that could ever serve ``need``, best first. Empty: fits none of them."""
+def _keys(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
+          queue_lens: Sequence[int] | None) -> list[tuple]:
+    """Sorted (key..., index) of every replica that could ever serve ``need``."""
     if spill_queue_len < 1:
         raise ValueError(f"spill_queue_len must be >= 1, got {spill_queue_len}")
-    scored = [p for v in views if (p := place_one(v, need, spill_queue_len=spill_queue_len)) is not None]
-    return sorted(scored, key=Placement.key)
+    if queue_lens is not None and len(queue_lens) != len(views):
+        raise ValueError(f"queue_lens has {len(queue_lens)} entries for {len(views)} views; pass one per view or None")
+    per_dtype: dict[str, tuple[int, int]] = {}
+    keys = []
+    for i, v in enumerate(views):
+        at = per_dtype.get(v.default_dtype)
+        if at is None:
+            at = per_dtype[v.default_dtype] = need.at(v.default_dtype)
+        q = v.queue_len if queue_lens is None else queue_lens[i]
+        key = _score(v, need.checkpoint, at[0], at[1], q, spill_queue_len, i)
+        if key is not None:
+            keys.append(key)
+    keys.sort()
+    return keys
+
+
+def rank(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4) -> list[Placement]:
+    """All replicas that could ever serve ``need``, best first. Empty: fits none of them."""
+    views = list(views)
+    return [Placement(views[i].replica_id, Rank(r), ev, idle, q, sp)
+            for sp, r, ev, _neg_idle, q, i, idle in _keys(views, need, spill_queue_len, None)]
+
+
+def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4,
+                 queue_lens: Sequence[int] | None = None) -> list[int]:
+    """The order :func:`rank` gives, as indices into ``views``: the router's hot path.
+
+    ``queue_lens`` (one per view) overrides each view's ``queue_len``, so that a cached view
+    can be reused while only its queue length moves.
+    """
+    return [k[5] for k in _keys(views, need, spill_queue_len, queue_lens)]
 
 
 def largest_budget(views: Sequence[ReplicaView]) -> int:

@@ -29,7 +29,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from router.ledger import Ledger
 from router.report_board import ReportBoard
-from router.placement import EntryView, Need, ReplicaView, rank
+from router.placement import EntryView, Need, ReplicaView, rank_indices
 
 log = logging.getLogger("memrouter.request_router")
 
@@ -55,7 +55,10 @@ class MemoryAwareRequestRouter(RequestRouter):
         self._spill_queue_len = int(spill_queue_len)
         self._ledger = Ledger()
         self._deployment = self._deployment_id.name
-        self._pending_need: dict[tuple[str, str], Need] = {}
+        # replica id -> (routing stats object, ledger version, overlaid view): a view is
+        # rebuilt only when its report or this router's placements on it change, not per
+        # decision (Ray replaces the stats dict when a new report arrives).
+        self._views: dict[str, tuple[dict[str, Any], int, ReplicaView]] = {}
 
     # ---- Ray hooks ---------------------------------------------------------------------------
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -85,6 +88,7 @@ class MemoryAwareRequestRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._ledger.replica_gone(replica_id.unique_id)
+        self._views.pop(replica_id.unique_id, None)
         reports = ReportBoard.reports(self._deployment)
         reports.pop(replica_id.unique_id, None)
         ReportBoard.publish(self._deployment, reports)
@@ -111,19 +115,31 @@ class MemoryAwareRequestRouter(RequestRouter):
         return ranks
 
     def rank_for(self, candidates: list[RunningReplica], need: Need) -> list[list[RunningReplica]]:
-        by_id = {r.replica_id.unique_id: r for r in candidates}
-        views, unreported = [], []
-        for rid, r in by_id.items():
+        views, queues, reported, unreported = [], [], [], []
+        cache, version, queue_lens = self._views, self._ledger.version, self.replica_queue_len_cache
+        for r in candidates:
             stats = r.routing_stats
             if not stats:
                 unreported.append(r)
                 continue
-            queue = self.replica_queue_len_cache.get(r.replica_id)
-            views.append(self._ledger.overlay(view_from_report(rid, stats, queue or 0)))
+            rid = r.replica_id.unique_id
+            v = version(rid)
+            cached = cache.get(rid)
+            if cached is not None and cached[0] is stats and cached[1] == v:
+                view = cached[2]
+            else:
+                view = self._ledger.overlay(view_from_report(rid, stats, 0))
+                cache[rid] = (stats, v, view)
+            views.append(view)
+            queues.append(queue_lens.get(r.replica_id) or 0)
+            reported.append(r)
+        if len(self._views) > 2 * len(candidates) + 8:  # replicas that left: drop their views
+            live = {r.replica_id.unique_id for r in candidates}
+            self._views = {k: v for k, v in self._views.items() if k in live}
         if not views:
             return [list(candidates)]  # startup: no reports yet -> least queue length
-        placements = rank(views, need, spill_queue_len=self._spill_queue_len)
-        ranks = [[by_id[p.replica_id]] for p in placements]
+        order = rank_indices(views, need, spill_queue_len=self._spill_queue_len, queue_lens=queues)
+        ranks = [[reported[i]] for i in order]
         if unreported:
             ranks.append(unreported)
         if not ranks:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.ledger import Ledger
-from router.placement import EntryView, Need, Rank, ReplicaView, rank
+from router.placement import EntryView, Need, Rank, ReplicaView, rank, rank_indices
 
 F16 = "float16"
 
@@ -146,3 +146,113 @@ def test_overlay_marks_resident_entry_in_use():
     ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)
     v = ledger.overlay(view("a", used=40, x=("device", 40, 9.0)))
     assert v.entries["x"].in_use == 1 and v.entries["x"].idle_s == 0.0 and v.used_bytes == 40
+
+
+# ---- the hot path: rank_indices, cached views, indexed ledger ----------------------------------
+def random_views(rng, n):
+    views = []
+    for i in range(n):
+        entries = {}
+        for k in range(rng.randrange(0, 6)):
+            tier = rng.choice(["device", "device", "host"])
+            entries[f"c{rng.randrange(12)}"] = EntryView(tier, rng.randrange(5, 60), float(rng.randrange(0, 4)),
+                                                         int(rng.random() < 0.2))
+        used = sum(e.bytes for e in entries.values() if e.tier == "device")
+        views.append(ReplicaView(f"r{i}", rng.choice([80, 120, 200]), used, rng.choice([F16, "float32"]), entries,
+                                 rng.randrange(0, 6), max_resident=rng.choice([2, 3, 16])))
+    return views
+
+
+def test_rank_matches_the_independent_reference_on_random_views():
+    import random
+
+    from bench import placement_fast as reference
+
+    rng = random.Random(11)
+    for _ in range(300):
+        views = random_views(rng, rng.randrange(1, 12))
+        nd = need(f"c{rng.randrange(12)}", weights=rng.randrange(5, 90), workspace=rng.randrange(0, 20))
+        spill = rng.randrange(1, 6)
+        real = rank(views, nd, spill_queue_len=spill)
+        assert reference.check_equal(real, reference.rank_fast([reference.prepare(v) for v in views], nd,
+                                                               spill_queue_len=spill))
+        assert [views[i].replica_id for i in rank_indices(views, nd, spill_queue_len=spill)] == \
+            [p.replica_id for p in real]
+
+
+def test_queue_lens_override_the_views_queue():
+    views = [view("a", queue=0), view("b", queue=0)]
+    assert [views[i].replica_id for i in rank_indices(views, need(), queue_lens=[5, 0])] == ["b", "a"]
+    assert [views[i].replica_id for i in rank_indices(views, need(), queue_lens=[0, 1])] == ["a", "b"]
+    with pytest.raises(ValueError, match="queue_lens has 1 entries for 2 views"):
+        rank_indices(views, need(), queue_lens=[0])
+
+
+def test_ledger_version_changes_only_with_that_replicas_placements():
+    ledger = Ledger()
+    assert ledger.version("a") == 0
+    ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)
+    va = ledger.version("a")
+    assert va > 0 and ledger.version("b") == 0
+    ledger.report_arrived("a", 0.5)  # nothing to forget: unchanged
+    assert ledger.version("a") == va
+    ledger.routed("1", "b", "x", weights_bytes=40, now_s=1.1)  # moved: both change
+    assert ledger.version("a") > va and ledger.version("b") > 0
+    vb = ledger.version("b")
+    ledger.completed("1", "b", now_s=2.0)
+    assert ledger.version("b") > vb
+    vb = ledger.version("b")
+    ledger.report_arrived("b", 3.0)
+    assert ledger.version("b") > vb and len(ledger) == 0
+    ledger.routed("2", "b", "y", weights_bytes=10, now_s=4.0)
+    vb = ledger.version("b")
+    ledger.replica_gone("b")
+    assert ledger.version("b") > vb and len(ledger) == 0 and ledger.pending("b") == []
+
+
+class _FakeReplicaID:
+    def __init__(self, unique_id):
+        self.unique_id = unique_id
+
+
+class _FakeRunningReplica:
+    def __init__(self, rid, stats):
+        self.replica_id = _FakeReplicaID(rid)
+        self.routing_stats = stats
+
+
+def _report(budget, entries=()):
+    return {"device_budget_bytes": budget, "device_used_bytes": sum(b for _, t, b in entries if t == "device"),
+            "default_dtype": F16, "max_resident": 16,
+            "entries": [{"name": n, "tier": t, "bytes": b, "idle_s": 1.0, "in_use": 0} for n, t, b in entries]}
+
+
+def _router(candidates):
+    from router.request_router import MemoryAwareRequestRouter
+
+    router = object.__new__(MemoryAwareRequestRouter)  # only the state rank_for reads; no Ray
+    router._spill_queue_len = 4
+    router._ledger = Ledger()
+    router._views = {}
+    router._replica_queue_len_cache = {r.replica_id: 0 for r in candidates}
+    return router
+
+
+def test_rank_for_reuses_views_until_the_report_or_the_ledger_changes():
+    a = _FakeRunningReplica("a", _report(100, [("big", "device", 90)]))
+    b = _FakeRunningReplica("b", _report(100))
+    router = _router([a, b])
+    ids = lambda ranks: [[r.replica_id.unique_id for r in rank_] for rank_ in ranks]  # noqa: E731
+    assert ids(router.rank_for([a, b], need("x"))) == [["b"], ["a"]]  # b fits, a must evict
+    view_b = router._views["b"][2]
+    router.rank_for([a, b], need("x"))
+    assert router._views["b"][2] is view_b  # nothing changed: reused
+    router._ledger.routed("q1", "b", "y", weights_bytes=95, now_s=1.0)  # b is now full (ledger)
+    assert ids(router.rank_for([a, b], need("x"))) == [["a"], ["b"]]
+    assert router._views["b"][2] is not view_b and "y" in router._views["b"][2].entries
+    a.routing_stats = _report(100)  # a new report: a is empty now
+    router._replica_queue_len_cache[a.replica_id] = 2
+    assert ids(router.rank_for([a, b], need("x"))) == [["a"], ["b"]]
+    assert router._views["a"][2].used_bytes == 0
+    unreported = _FakeRunningReplica("c", {})
+    assert ids(router.rank_for([a, b, unreported], need("x")))[-1] == ["c"]
