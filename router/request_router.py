@@ -137,7 +137,7 @@ class MemoryAwareRequestRouter(RequestRouter):
             live = {r.replica_id.unique_id for r in candidates}
             self._views = {k: v for k, v in self._views.items() if k in live}
         if not views:
-            return [list(candidates)]  # startup: no reports yet -> least queue length
+            return self._rank_unreported(candidates, need)
         order = rank_indices(views, need, spill_queue_len=self._spill_queue_len, queue_lens=queues)
         ranks = [[reported[i]] for i in order]
         if unreported:
@@ -148,6 +148,24 @@ class MemoryAwareRequestRouter(RequestRouter):
             return [list(candidates)]
         return ranks
 
+
+    def _rank_unreported(self, candidates: list[RunningReplica], need: Need) -> list[list[RunningReplica]]:
+        """Startup, before any report: least queue length first, as Ray's default router
+        would, except that a replica this router already sent the checkpoint to goes first.
+
+        One replica per rank, so that choose_replicas records the pick in the ledger at
+        once and the rest of a cold burst follows it instead of loading the checkpoint on
+        every replica. Without queue lengths (none probed yet) the candidates keep their
+        order.
+        """
+        queue_lens = self.replica_queue_len_cache
+
+        def key(ir: tuple[int, RunningReplica]) -> tuple[bool, int, int]:
+            i, r = ir
+            placed = any(ck == need.checkpoint for ck, _ in self._ledger.pending(r.replica_id.unique_id))
+            return (not placed, queue_lens.get(r.replica_id) or 0, i)
+
+        return [[r] for _, r in sorted(enumerate(candidates), key=key)]
 
 def _need_of(pending_request: PendingRequest | None) -> Need | None:
     if pending_request is None:

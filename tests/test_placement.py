@@ -256,3 +256,14 @@ def test_rank_for_reuses_views_until_the_report_or_the_ledger_changes():
     assert router._views["a"][2].used_bytes == 0
     unreported = _FakeRunningReplica("c", {})
     assert ids(router.rank_for([a, b, unreported], need("x")))[-1] == ["c"]
+
+
+def test_before_any_report_a_cold_burst_follows_the_first_pick():
+    a, b = _FakeRunningReplica("a", {}), _FakeRunningReplica("b", {})
+    router = _router([a, b])
+    ids = lambda ranks: [[r.replica_id.unique_id for r in rank_] for rank_ in ranks]  # noqa: E731
+    router._replica_queue_len_cache[a.replica_id] = 1
+    assert ids(router.rank_for([a, b], need("x"))) == [["b"], ["a"]]  # least queue first
+    router._ledger.routed("q1", "a", "x", weights_bytes=40, now_s=1.0)  # x was sent to a
+    assert ids(router.rank_for([a, b], need("x"))) == [["a"], ["b"]]  # x follows it
+    assert ids(router.rank_for([a, b], need("y"))) == [["b"], ["a"]]  # y does not
