@@ -35,6 +35,7 @@ not charged for it.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 import time
@@ -46,7 +47,7 @@ from bench.sim.backend import SimBackend
 from bench.sim.model import Checkpoint, ReplicaSpec, Request
 from deployments.cache import CacheConfig, Lease, PipelineCache, Shortfall
 from router.ledger import Ledger
-from router.placement import ReplicaView, rank
+from router.placement import ReplicaView, rank, rank_indices
 
 POLICIES = {
     "a": "router: placement.rank + byte-budget LRU with host tier",
@@ -100,6 +101,7 @@ class Rep:
     changed: bool = True  # the cache changed since report_src was taken
     base_view: ReplicaView | None = None
     view: ReplicaView | None = None
+    view_of: tuple[ReplicaView | None, int] = (None, -1)  # (base view, ledger version) ``view`` was built from
     dirty: bool = True
     peak_report_bytes: int = 0
     report_overcommits: int = 0
@@ -234,37 +236,37 @@ class Simulation:
             r.report_overcommits += 1
 
     def _views(self) -> list[ReplicaView]:
-        """What rank_for builds per decision: ledger.overlay(view_from_report(stats, queue_len)).
-
-        Rebuilt only for replicas whose report, queue length or ledger changed since the last
-        decision; an empty ledger's overlay equals its input, so it is skipped.
+        """What rank_for builds per decision (router/request_router.py): each replica's
+        ``ledger.overlay(view_from_report(stats))``, rebuilt only when its report or its
+        ledger changed; queue lengths go beside the views (``rank_indices(queue_lens=)``).
         """
         t0 = time.perf_counter_ns()
         out = []
         for r in self.reps:
             if r.dirty:
-                b = r.base_view
-                v = b if b.queue_len == r.ongoing else ReplicaView(
-                    b.replica_id, b.budget_bytes, b.used_bytes, b.default_dtype, b.entries, r.ongoing, b.max_resident)
-                r.view = r.ledger.overlay(v) if len(r.ledger) else v
+                of = (r.base_view, r.ledger.version(r.spec.replica_id))
+                if of[0] is not r.view_of[0] or of[1] != r.view_of[1]:
+                    r.view = r.ledger.overlay(r.base_view)
+                    r.view_of = of
+                    self.views_rebuilt += 1
                 r.dirty = False
-                self.views_rebuilt += 1
             out.append(r.view)
         self.view_ns += time.perf_counter_ns() - t0
         return out
 
     def _choose_rank(self, job: Job) -> int | None:
         views = self._views()
+        reps = self.reps
+        queues = [r.ongoing for r in reps]
         t0 = time.perf_counter_ns()
-        placements = rank(views, job.ck.need, spill_queue_len=self.p.spill_queue_len)
+        order = rank_indices(views, job.ck.need, spill_queue_len=self.p.spill_queue_len, queue_lens=queues)
         self.rank_ns += time.perf_counter_ns() - t0
         self.decisions += 1
         if self.p.sample_every and self.decisions % self.p.sample_every == 0:
-            self.samples.append((views, job.ck.need))
+            self.samples.append(([dataclasses.replace(v, queue_len=q) for v, q in zip(views, queues)], job.ck.need))
         cap = self.p.max_ongoing
-        for pl in placements:
-            i = int(pl.replica_id[1:])
-            if self.reps[i].ongoing < cap:
+        for i in order:
+            if reps[i].ongoing < cap:
                 return i
         return None
 
@@ -499,6 +501,8 @@ class Simulation:
             "reports_aged": self.aged_reports,
             "view_s": self.view_ns / 1e9,
             "decisions_per_s": (self.decisions / (self.rank_ns / 1e9)) if self.rank_ns else None,
+            "decisions_per_s_with_views": (self.decisions / ((self.rank_ns + self.view_ns) / 1e9))
+            if self.rank_ns else None,
         }
         if self.uses_rank and self.samples:
             out["fast_rank_experiment"] = self.fast_check()
