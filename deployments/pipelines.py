@@ -276,11 +276,18 @@ class LeakTracker:
         self._refs: list[weakref.ref] = []
         self._lock = threading.Lock()
 
-    def track(self, pipe: Any) -> None:
-        """Watch every module (each component and all its submodules) of ``pipe``."""
-        refs = [weakref.ref(m) for c in module_components(pipe).values() for m in c.modules()]
+    @staticmethod
+    def refs_of(pipe: Any) -> list[weakref.ref]:
+        """Weak references to every module (each component and all its submodules) of ``pipe``."""
+        return [weakref.ref(m) for c in module_components(pipe).values() for m in c.modules()]
+
+    def watch(self, refs: list[weakref.ref]) -> None:
         with self._lock:
             self._refs.extend(refs)
+
+    def track(self, pipe: Any) -> None:
+        """Watch every module of ``pipe`` from now on."""
+        self.watch(self.refs_of(pipe))
 
     def leaked(self) -> int:
         """Forget modules that died and return how many watched modules are alive.
@@ -319,12 +326,15 @@ def free_pipeline(pipe: Any, tracker: LeakTracker | None) -> None:
     if remove_hook_from_module is not None:
         for module in components.values():
             remove_hook_from_module(module, recurse=True)
-    if tracker is not None:
-        tracker.track(pipe)
+    # Watched only once the free is done: a report taken meanwhile (another thread) would
+    # count modules that are merely on their way out as leaked.
+    refs = LeakTracker.refs_of(pipe) if tracker is not None else []
     for name in list(pipe.components):
         setattr(pipe, name, None)
     del components
     empty_device_cache()
+    if tracker is not None:
+        tracker.watch(refs)
 
 
 def empty_device_cache() -> None:

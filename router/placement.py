@@ -185,13 +185,22 @@ def rank(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4) 
 
 
 def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4,
-                 queue_lens: Sequence[int] | None = None) -> list[int]:
+                 queue_lens: Sequence[int] | None = None, evict_for_held: bool = True) -> list[int]:
     """The order :func:`rank` gives, as indices into ``views``: the router's hot path.
 
     ``queue_lens`` (one per view) overrides each view's ``queue_len``, so that a cached view
     can be reused while only its queue length moves.
+
+    ``evict_for_held=False``: when some replica holds the checkpoint (device or host), leave
+    out the replicas that would have to evict to load it. Under overload the holder's queue
+    fills, and sending the overflow to a replica that evicts its own working set makes both
+    replicas thrash; the caller waits for the holder instead, for a bounded time (as Ray's
+    multiplexing waits for a replica holding the model).
     """
-    return [k[5] for k in _keys(views, need, spill_queue_len, queue_lens)]
+    keys = _keys(views, need, spill_queue_len, queue_lens)
+    if not evict_for_held and any(k[1] <= Rank.ON_HOST for k in keys):
+        keys = [k for k in keys if k[1] <= Rank.FITS]
+    return [k[5] for k in keys]
 
 
 def largest_budget(views: Sequence[ReplicaView]) -> int:

@@ -51,8 +51,9 @@ def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) ->
 
 
 class MemoryAwareRequestRouter(RequestRouter):
-    def initialize_state(self, spill_queue_len: int = 4, **kwargs: Any) -> None:
+    def initialize_state(self, spill_queue_len: int = 4, holder_wait_s: float = 2.0, **kwargs: Any) -> None:
         self._spill_queue_len = int(spill_queue_len)
+        self._holder_wait_s = float(holder_wait_s)
         self._ledger = Ledger()
         self._deployment = self._deployment_id.name
         # replica id -> (routing stats object, ledger version, overlaid view): a view is
@@ -106,15 +107,19 @@ class MemoryAwareRequestRouter(RequestRouter):
         need = _need_of(pending_request) if pending_request is not None else None
         if need is None:
             return [list(candidate_replicas)]
-        ranks = self.rank_for(candidate_replicas, need)
-        if len(ranks[0]) == 1:
+        # For up to holder_wait_s a request for a held checkpoint waits for a holder (or a
+        # replica with free room) rather than making another replica evict for it.
+        waited_s = time.time() - pending_request.created_at
+        ranks = self.rank_for(candidate_replicas, need, evict_for_held=waited_s >= self._holder_wait_s)
+        if ranks and len(ranks[0]) == 1:
             # Tentative: the next request of a burst must see this placement now, not after
             # the replica accepts; on_request_routed moves it if Ray sends elsewhere.
             best = ranks[0][0]
             self._record(pending_request, need, best, best.replica_id.unique_id)
         return ranks
 
-    def rank_for(self, candidates: list[RunningReplica], need: Need) -> list[list[RunningReplica]]:
+    def rank_for(self, candidates: list[RunningReplica], need: Need,
+                 evict_for_held: bool = True) -> list[list[RunningReplica]]:
         views, queues, reported, unreported = [], [], [], []
         cache, version, queue_lens = self._views, self._ledger.version, self.replica_queue_len_cache
         for r in candidates:
@@ -138,7 +143,8 @@ class MemoryAwareRequestRouter(RequestRouter):
             self._views = {k: v for k, v in self._views.items() if k in live}
         if not views:
             return self._rank_unreported(candidates, need)
-        order = rank_indices(views, need, spill_queue_len=self._spill_queue_len, queue_lens=queues)
+        order = rank_indices(views, need, spill_queue_len=self._spill_queue_len, queue_lens=queues,
+                             evict_for_held=evict_for_held)
         ranks = [[reported[i]] for i in order]
         if unreported:
             ranks.append(unreported)

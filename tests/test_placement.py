@@ -267,3 +267,28 @@ def test_before_any_report_a_cold_burst_follows_the_first_pick():
     router._ledger.routed("q1", "a", "x", weights_bytes=40, now_s=1.0)  # x was sent to a
     assert ids(router.rank_for([a, b], need("x"))) == [["a"], ["b"]]  # x follows it
     assert ids(router.rank_for([a, b], need("y"))) == [["b"], ["a"]]  # y does not
+
+
+def test_while_a_replica_holds_the_checkpoint_no_other_replica_evicts_for_it():
+    views = [
+        view("holder", used=40, queue=6, x=("device", 40)),  # spilled: queue 6 >= 4
+        view("evicts", used=90, a=("device", 90, 5.0)),
+        view("room", used=0),
+    ]
+    ids = lambda order: [views[i].replica_id for i in order]  # noqa: E731
+    assert ids(rank_indices(views, need())) == ["room", "evicts", "holder"]
+    assert ids(rank_indices(views, need(), evict_for_held=False)) == ["room", "holder"]
+    held_on_host = [view("h", used=90, x=("host", 40), a=("device", 90, 5.0)), views[1]]
+    assert [held_on_host[i].replica_id for i in rank_indices(held_on_host, need(), evict_for_held=False)] == ["h"]
+    nobody_holds = views[1:]
+    assert rank_indices(nobody_holds, need(), evict_for_held=False) == rank_indices(nobody_holds, need())
+
+
+def test_rank_for_leaves_evicting_replicas_out_while_the_request_may_wait_for_the_holder():
+    holder = _FakeRunningReplica("h", _report(100, [("x", "device", 40)]))
+    full = _FakeRunningReplica("f", _report(100, [("a", "device", 90)]))
+    router = _router([holder, full])
+    router._replica_queue_len_cache[holder.replica_id] = 7
+    ids = lambda ranks: [[r.replica_id.unique_id for r in rank_] for rank_ in ranks]  # noqa: E731
+    assert ids(router.rank_for([holder, full], need("x"), evict_for_held=False)) == [["h"]]
+    assert ids(router.rank_for([holder, full], need("x"))) == [["f"], ["h"]]
