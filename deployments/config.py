@@ -27,6 +27,14 @@ class ReplicaSettings(BaseModel):
     routing_stats_period_s: float = Field(default=1.0, gt=0)
     routing_stats_timeout_s: float = Field(default=5.0, gt=0)
     spill_queue_len: int = Field(default=4, ge=1, description="Queue length at which a hot checkpoint spreads.")
+    holder_wait_s: float = Field(
+        default=2.0, ge=0,
+        description="How long a request for a checkpoint some replica holds waits for that replica (or one with "
+                    "free room) before another replica may evict to load it. 0: never wait.")
+    fault_injection: bool = Field(
+        default=False,
+        description="TEST SEAM (deployments/faults.py): lets ModelReplica.inject_faults arm injected out-of-memory "
+                    "errors and delays. Off by default; never enable it in production configs.")
 
 
 class IngressSettings(BaseModel):

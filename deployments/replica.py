@@ -25,6 +25,7 @@ from deployments import pipelines
 from deployments.backend import TorchBackend
 from deployments.cache import CacheConfig, CacheReport, PipelineCache, Shortfall
 from deployments.config import AppConfig
+from deployments.faults import Fault, FaultInjector
 from deployments.metrics import ReplicaMetrics
 from router import profiles
 from router.api import ResolvedRequest
@@ -72,7 +73,12 @@ class ModelReplica:
             cpu_budget_bytes=cfg.replica.cpu_budget_bytes, overrides=cfg.replica.profile_overrides,
         )
         self.device = "cuda" if cuda is not None and self.profile.is_cuda else "cpu"
-        self._backend = TorchBackend(self._registry, default_dtype=self.profile.default_dtype, device=self.device)
+        # The fault-injection test seam exists only when the config asks for it (off by default).
+        self._faults = FaultInjector() if cfg.replica.fault_injection else None
+        backend_cls = TorchBackend if self._faults is None else _FaultyBackend
+        self._backend = backend_cls(self._registry, default_dtype=self.profile.default_dtype, device=self.device)
+        if self._faults is not None:
+            self._backend.faults = self._faults
         self.cache = PipelineCache(
             CacheConfig(
                 device_budget_bytes=self.profile.device_budget_bytes,
@@ -143,18 +149,38 @@ class ModelReplica:
                 except Exception as exc:  # noqa: BLE001 - classified below
                     if not pipelines.is_out_of_memory(exc):
                         if isinstance(exc, pipelines.PipelineLoadError):
-                            return error(500, "checkpoint_load_failed", str(exc))
+                            # Named by its registry name; the reason names only the folder's
+                            # last component, never the host path.
+                            return error(500, "checkpoint_load_failed",
+                                         f"checkpoint {req.checkpoint!r} could not be loaded: {exc.reason}")
                         log.exception("generate failed for %s", req.checkpoint)
                         return error(500, "inference_failed", f"{type(exc).__name__} while running {req.checkpoint!r}")
-                    # Out of memory: free the allocator cache and every idle entry, retry once.
-                    self.cache.record_oom_recovery()
-                    self.cache.offload()
-                    pipelines.empty_device_cache()
-                    self._sample("oom")
-                    if attempt == 2:
-                        return error(503, "out_of_memory", f"out of device memory for {req.checkpoint!r} after freeing idle "
-                                     "pipelines and retrying once", retry_after_s=5)
-        raise AssertionError("unreachable: this is a bug")
+                    log.warning("out of memory serving %s (attempt %d): %s", req.checkpoint, attempt, type(exc).__name__)
+                # Only an out-of-memory error gets here (every other outcome returned above).
+                # Recover outside the handler: the exception's traceback holds the failed
+                # frames (and on CUDA their intermediate tensors) until the block ends.
+                # Move every other idle entry off the device (released on CPU hosts) and
+                # return the allocator's free blocks, then retry once. This request's own
+                # entry stays if resident: reloading it would not make room.
+                self.cache.record_oom_recovery()
+                self._free_for_retry(req.checkpoint)
+                self._sample("oom")
+            return error(503, "out_of_memory", f"out of device memory for {req.checkpoint!r} after freeing idle "
+                         "pipelines and retrying once; retry later", retry_after_s=5)
+
+    def _free_for_retry(self, keep: str) -> list[str]:
+        """Offload (or, without a host tier, release) every idle entry but ``keep``; empty the allocator cache."""
+        moved = []
+        for entry in self.cache.report().entries:
+            if entry.name != keep and not entry.in_use and entry.tier == "device":
+                moved += self.cache.offload(entry.name)
+        pipelines.empty_device_cache()
+        return moved
+
+    def _inject(self, site: str, checkpoint: str) -> None:
+        """The fault-injection seam (no-op unless ``replica.fault_injection``); see deployments/faults.py."""
+        if self._faults is not None:
+            _apply_fault(self._faults, site, checkpoint)
 
     def _run_once(self, req: ResolvedRequest, est: Any, *, queue_ms: float) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -172,6 +198,7 @@ class ModelReplica:
         self._sample(f"acquire:{req.checkpoint}")
         with lease:
             t1 = time.perf_counter()
+            self._inject("inference", req.checkpoint)
             images = pipelines.run_pipeline(
                 lease.obj.pipe, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
                 height=req.height, num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
@@ -242,6 +269,24 @@ class ModelReplica:
         self._sample("admin-release")
         return {"replica": self.replica_id, "released": names}
 
+    async def inject_faults(self, faults: list[dict[str, Any]] | None = None, clear: bool = False,
+                            _target_replica: str | None = None) -> dict[str, Any]:
+        """TEST SEAM: arm faults (see deployments/faults.py) and return the injector's state.
+
+        Refused (status 403) unless the app's args set ``replica.fault_injection: true``.
+        Reachable only through a DeploymentHandle, never over HTTP.
+        """
+        if self._faults is None:
+            return error(403, "fault_injection_disabled", "fault injection is off (replica.fault_injection: false)")
+        if clear:
+            self._faults.clear()
+        try:
+            for raw in faults or ():
+                self._faults.arm(Fault.from_dict(raw))
+        except (TypeError, ValueError) as exc:
+            return error(422, "invalid_fault", str(exc))
+        return {"status": 200, "replica": self.replica_id, **self._faults.state()}
+
     def shutdown(self) -> None:
         """Stop the idle monitor and free every pipeline (outside Serve; Serve calls __del__)."""
         self._stop.set()
@@ -252,3 +297,50 @@ class ModelReplica:
         stop = getattr(self, "_stop", None)  # absent when the constructor failed early
         if stop is not None:
             stop.set()
+
+
+# ---- fault-injection seam (tests only; see deployments/faults.py) ---------------------------
+def _apply_fault(faults: FaultInjector, site: str, checkpoint: str) -> None:
+    """Apply the next armed fault for (site, checkpoint): sleep, or raise torch.OutOfMemoryError."""
+    fault = faults.take(site, checkpoint)
+    if fault is None:
+        return
+    token = faults.begin(fault, checkpoint)
+    try:
+        if fault.kind == "delay":
+            time.sleep(fault.delay_s)
+        else:
+            import torch
+
+            raise torch.OutOfMemoryError(f"injected out-of-memory error at {site} of {checkpoint!r} (test seam)")
+    finally:
+        faults.end(token)
+
+
+class _FaultyBackend(TorchBackend):
+    """TorchBackend with the ``"load"`` injection site; used only with ``replica.fault_injection``.
+
+    An injected out-of-memory error is raised after a real load, once the loaded pipeline
+    has been freed through the leak tracker, so a reference kept by the failure path would
+    show up as leaked modules in the report.
+    """
+
+    faults: FaultInjector
+
+    def load(self, name: str) -> Any:
+        fault = self.faults.take("load", name)
+        if fault is None:
+            return super().load(name)
+        token = self.faults.begin(fault, name)
+        try:
+            if fault.kind == "delay":
+                time.sleep(fault.delay_s)
+                return super().load(name)
+            obj = super().load(name)
+            self.free(obj)
+            del obj
+            import torch
+
+            raise torch.OutOfMemoryError(f"injected out-of-memory error at load of {name!r} (test seam)")
+        finally:
+            self.faults.end(token)

@@ -11,18 +11,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from router.registry import CheckpointSpec
+from router.registry import NAME_PATTERN, CheckpointSpec
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
+MAX_IMAGES_PER_REQUEST = 16
 
 
 class GenerateRequest(BaseModel):
     """``POST /v1/generate`` body and ``handle.generate.remote(...)`` argument."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    # strict: "64" is not a width and true is not a seed; a mistyped field is refused, not coerced.
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, strict=True)
 
-    checkpoint: str = Field(min_length=1, max_length=64, description="A registry name (see GET /v1/checkpoints).")
+    # The registry's name shape: a path ("../x", "/etc"), URL, hub id ("org/model"), NUL or
+    # non-ASCII look-alike can never match, so it is refused before any registry lookup.
+    checkpoint: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN,
+                            description="A registry name (see GET /v1/checkpoints).")
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     width: int | None = Field(default=None, ge=8, le=8192, multiple_of=8, description="Pixels; default per checkpoint.")
@@ -30,7 +35,7 @@ class GenerateRequest(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
     guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed, same image, on any replica.")
-    num_images: int = Field(default=1, ge=1, le=16)
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES_PER_REQUEST)
 
     @field_validator("guidance_scale")
     @classmethod
@@ -119,8 +124,9 @@ class ErrorResponse(BaseModel):
 
 
 class AdminRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    checkpoint: str | None = Field(default=None, max_length=64, description="One checkpoint, or all when omitted.")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    checkpoint: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN,
+                                   description="One checkpoint, or all when omitted.")
 
 
 class CheckpointInfo(BaseModel):

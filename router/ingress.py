@@ -20,13 +20,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.config import AppConfig
+from deployments.config import AppConfig, IngressSettings
 from router.api import (AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse,
                         RequestLimitError, resolve_request)
 from router.estimator import TARGET_DTYPE_BYTES, EstimateError, Estimator
@@ -37,7 +39,7 @@ from router.request_router import ReportBoard
 log = logging.getLogger("memrouter.ingress")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 415, 422, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 405, 413, 415, 422, 500, 503, 504)
 }
 
 
@@ -57,6 +59,114 @@ def error_json(status: int, code: str, message: str, retry_after_s: float | None
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+# ---- pure checks (no Ray; unit-tested in tests/test_reliability_unit.py) -----------------------
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def body_problem(content_type: str | None, content_length: str | None, max_body_bytes: int) -> tuple[int, str, str] | None:
+    """(status, code, message) refusing a request body by its headers, or None to read it.
+
+    JSON only: a declared content type other than ``application/json`` (or ``*+json``) is 415.
+    A missing one is read as JSON, as FastAPI does. A declared length above the limit is 413
+    before a byte of the body is read; the streamed size is checked again while reading.
+    """
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            return 415, "unsupported_media_type", f"content type {media[:64]!r} is not accepted; send application/json"
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            return 400, "bad_content_length", "Content-Length is not an integer"
+        if declared > max_body_bytes:
+            return 413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {max_body_bytes} bytes"
+    return None
+
+
+def admin_problem(authorization: str | None, token: str | None, token_env: str) -> tuple[int, str, str] | None:
+    """(status, code, message) refusing an admin call, or None to allow it.
+
+    No token configured: the admin routes are off (403), never open. The bearer token is
+    compared in constant time. Messages name the env var, never a token.
+    """
+    if not token:
+        return 403, "admin_disabled", f"admin routes are off: set the {token_env} environment variable"
+    scheme, _, given = (authorization or "").partition(" ")
+    # Compare even when the scheme is wrong, so the time taken does not tell which check failed.
+    ok = hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not ok:
+        return 401, "unauthorized", "admin routes need 'Authorization: Bearer <token>'"
+    return None
+
+
+def admission_problem(need: Need, reports: dict[str, dict[str, Any]]) -> str | None:
+    """Why ``need`` fits no replica's device budget at that replica's dtype, or None if one fits.
+
+    No reports (startup): None; the replica's cache still refuses what cannot fit there.
+    """
+    if not reports:
+        return None
+    largest_budget, estimate = 0, 0
+    for r in reports.values():
+        weights, workspace = need.at(r["default_dtype"])
+        if weights + workspace <= r["device_budget_bytes"]:
+            return None
+        if r["device_budget_bytes"] >= largest_budget:
+            largest_budget, estimate = r["device_budget_bytes"], weights + workspace
+    return (f"checkpoint {need.checkpoint!r} needs an estimated {estimate} bytes (weights + workspace for this "
+            f"request shape) but the largest replica budget is {largest_budget} bytes")
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: JSON-only bodies of at most ``max_body_bytes``, checked before parsing.
+
+    Bodies are buffered (they are small by construction) and replayed to the app. The limit
+    is a class attribute because Serve runs a frozen copy of the FastAPI app: RouterIngress
+    sets it from its config in the replica process.
+    """
+
+    max_body_bytes: int = IngressSettings().max_body_bytes
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        limit = type(self).max_body_bytes
+        headers = Headers(scope=scope)
+        problem = body_problem(headers.get("content-type"), headers.get("content-length"), limit)
+        if problem is not None:
+            await error_json(*problem)(scope, receive, send)
+            return
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left; nobody to answer
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:
+                await error_json(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")(
+                    scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def _field_of(err: dict[str, Any]) -> str:
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     return ".".join(loc) or "body"
@@ -67,24 +177,35 @@ app = FastAPI(
     version="0.1.0",
     description="Memory-aware multi-model router for diffusers pipelines on Ray Serve.",
 )
+app.add_middleware(BodyLimitMiddleware)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = []
-    for e in exc.errors()[:10]:
-        msg = e.get("msg", "invalid")
-        if e.get("type") == "json_invalid":
-            problems.append("body: malformed JSON")
-        else:
-            problems.append(f"{_field_of(e)}: {msg}")
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_json(400, "malformed_json", "body: malformed JSON")
+    # Messages name the field and the rule, never echo the input (pydantic's msg does not).
+    problems = [f"{_field_of(e)}: {e.get('msg', 'invalid')}" for e in errors[:10]]
     return error_json(422, "invalid_request", "; ".join(problems))
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
-    return error_json(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+    codes = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+             415: "unsupported_media_type"}
+    message = str(exc.detail)
+    if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode (e.g. not UTF-8)
+        message = f"body: malformed JSON ({exc.detail})"
+    elif exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        message = f"method {request.method} is not allowed on this route" + (f"; use {allow}" if allow else "")
+    elif exc.status_code == 404:
+        message = "no such route; see /docs"
+    response = error_json(exc.status_code, codes.get(exc.status_code, "http_error"), message)
+    if exc.status_code == 405 and exc.headers:
+        response.headers.update(exc.headers)
+    return response
 
 
 @app.exception_handler(ServiceError)
@@ -105,6 +226,7 @@ class RouterIngress:
         self._replica_deployment = "ModelReplica"
         self._token = os.environ.get(cfg.ingress.admin_token_env) or None
         self._token_env = cfg.ingress.admin_token_env
+        BodyLimitMiddleware.max_body_bytes = cfg.ingress.max_body_bytes
 
     # ---- shared core -------------------------------------------------------------------------
     def _need(self, spec: CheckpointSpec, width: int, height: int, batch: int) -> Need:
@@ -119,20 +241,18 @@ class RouterIngress:
             workspace = dict.fromkeys(TARGET_DTYPE_BYTES, workspace[dtypes[0]])
         return Need(spec.name, weights, workspace)
 
-    def _admit(self, need: Need) -> None:
-        """Refuse, before any load, a request that fits no replica's budget (413 with numbers)."""
-        reports = ReportBoard.reports(self._replica_deployment)
-        if not reports:
-            return  # startup: no reports yet; the replica's cache still refuses what cannot fit
-        fits, largest = False, (0, 0)
-        for r in reports.values():
-            w, ws = need.at(r["default_dtype"])
-            largest = max(largest, (r["device_budget_bytes"], w + ws))
-            fits = fits or w + ws <= r["device_budget_bytes"]
-        if not fits:
-            raise ServiceError(413, "exceeds_every_budget",
-                               f"checkpoint {need.checkpoint!r} needs an estimated {largest[1]} bytes (weights + workspace "
-                               f"for this request shape) but the largest replica budget is {largest[0]} bytes")
+    async def _admit(self, need: Need) -> None:
+        """Refuse, before any load, a request that fits no replica's budget (413 with numbers).
+
+        Before the first reports reach this process, prime the request router (a cheap report
+        call) so that the first requests are judged too; if none come, the replica's cache
+        still refuses what cannot fit with the same numbers.
+        """
+        if not ReportBoard.reports(self._replica_deployment):
+            await self._ensure_reports()
+        problem = admission_problem(need, ReportBoard.reports(self._replica_deployment))
+        if problem is not None:
+            raise ServiceError(413, "exceeds_every_budget", problem)
 
     async def _generate(self, req: GenerateRequest) -> GenerateResponse:
         received_s = time.time()
@@ -148,7 +268,7 @@ class RouterIngress:
             need = self._need(spec, resolved.width, resolved.height, resolved.num_images)
         except EstimateError as exc:
             raise ServiceError(500, "checkpoint_unreadable", str(exc)) from None
-        self._admit(need)
+        await self._admit(need)
         payload = resolved.model_dump() | {"sent_at_s": time.time()}
         try:
             result = await asyncio.wait_for(
@@ -192,7 +312,11 @@ class RouterIngress:
         out = []
         for spec in self._registry:
             dtype = default_dtype if spec.dtype is Dtype.AUTO else spec.dtype.value
-            est = self._estimator.estimate(spec, dtype=dtype, width=spec.width, height=spec.height)
+            try:
+                est = self._estimator.estimate(spec, dtype=dtype, width=spec.width, height=spec.height)
+            except EstimateError as exc:  # listed checkpoints must be servable; requests for it get the error
+                log.warning("checkpoint %s left out of the listing: %s", spec.name, exc)
+                continue
             out.append(CheckpointInfo(
                 name=spec.name, dtype=dtype, quantization=spec.quantization.value, family=est.family,
                 weights_bytes=est.weights_bytes, workspace_bytes=est.workspace_bytes, total_bytes=est.total_bytes,
@@ -234,12 +358,9 @@ class RouterIngress:
 
     # ---- admin -------------------------------------------------------------------------------
     def _check_admin(self, request: Request) -> None:
-        if self._token is None:
-            raise ServiceError(403, "admin_disabled", f"admin routes are off: set the {self._token_env} environment variable")
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self._token.encode()):
-            raise ServiceError(401, "unauthorized", "admin routes need 'Authorization: Bearer <token>'")
+        problem = admin_problem(request.headers.get("authorization"), self._token, self._token_env)
+        if problem is not None:
+            raise ServiceError(*problem)
 
     async def _admin(self, method: str, body: AdminRequest) -> dict[str, Any]:
         if body.checkpoint is not None and body.checkpoint not in self._registry:

@@ -1,0 +1,345 @@
+"""Reliability and security without Ray: the pure checks of the ingress, the fault-injection
+seam, and the replica's out-of-memory recovery on real tiny pipelines (CPU).
+
+The same behaviours are checked end to end over real HTTP in tests/test_reliability.py;
+docs/reliability.md lists which test covers which case.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from deployments import pipelines as P
+from deployments.config import AppConfig, IngressSettings
+from deployments.faults import Fault, FaultInjector
+from router.api import GenerateRequest
+from router.ingress import BodyLimitMiddleware, admin_problem, admission_problem, body_problem
+from router.placement import Need
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- body limits and content types -----------------------------------------------------------
+@pytest.mark.parametrize("content_type, length, expected", [
+    ("application/json", "100", None),
+    ("application/json; charset=utf-8", "100", None),
+    ("application/merge-patch+json", "100", None),
+    (None, "100", None),  # FastAPI reads a body without a content type as JSON
+    ("text/plain", "100", 415),
+    ("application/x-www-form-urlencoded", "100", 415),
+    ("multipart/form-data; boundary=x", "100", 415),
+    ("application/json", "65536", None),
+    ("application/json", "65537", 413),
+    ("application/json", "abc", 400),
+    ("application/json", None, None),  # chunked: the streamed size is checked while reading
+])
+def test_body_problem(content_type, length, expected):
+    problem = body_problem(content_type, length, 65536)
+    assert (problem[0] if problem else None) == expected
+    if expected == 413:
+        assert problem[1] == "body_too_large" and "65537" in problem[2] and "65536" in problem[2]
+
+
+def _limited_app(limit: int) -> TestClient:
+    app = FastAPI()
+    app.add_middleware(BodyLimitMiddleware)
+    BodyLimitMiddleware.max_body_bytes = limit
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, Any]:
+        return {"n": len(await request.body())}
+
+    return TestClient(app)
+
+
+def test_body_limit_middleware_streams_and_replays(monkeypatch):
+    monkeypatch.setattr(BodyLimitMiddleware, "max_body_bytes", 1000)
+    client = _limited_app(1000)
+    assert client.post("/echo", content=b"x" * 1000, headers={"content-type": "application/json"}).json() == {"n": 1000}
+
+    def chunks(n):  # no Content-Length: only the streamed count can catch it
+        for _ in range(n):
+            yield b"x" * 100
+
+    r = client.post("/echo", content=chunks(11), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert client.post("/echo", content=chunks(10), headers={"content-type": "application/json"}).json() == {"n": 1000}
+    r = client.post("/echo", content=b"x" * 1001, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/echo", content=b"{}", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_the_body_limit_defaults_to_64_kib_and_is_configurable():
+    assert IngressSettings().max_body_bytes == 64 * 1024
+    assert AppConfig.model_validate({"ingress": {"max_body_bytes": 1000}}).ingress.max_body_bytes == 1000
+    with pytest.raises(ValidationError, match="max_body_bytes"):
+        AppConfig.model_validate({"ingress": {"max_body_bytes": 0}})
+
+
+# ---- admin token -----------------------------------------------------------------------------
+TOKEN = "s3cret-token-value"
+
+
+@pytest.mark.parametrize("header, expected", [
+    (f"Bearer {TOKEN}", None),
+    (f"bearer {TOKEN}", None),
+    (None, 401),
+    ("", 401),
+    ("Bearer", 401),
+    ("Bearer ", 401),
+    (f"Basic {TOKEN}", 401),
+    (TOKEN, 401),
+    (f"Bearer {TOKEN}x", 401),
+    (f"Bearer {TOKEN[:-1]}", 401),
+])
+def test_admin_problem_with_a_token(header, expected):
+    problem = admin_problem(header, TOKEN, "MY_TOKEN_ENV")
+    assert (problem[0] if problem else None) == expected
+    if problem:
+        assert TOKEN not in problem[2] and TOKEN[:-1] not in problem[2]
+
+
+@pytest.mark.parametrize("token", [None, ""])
+def test_admin_routes_are_off_without_a_token(token):
+    for header in (None, f"Bearer {TOKEN}", "Bearer ", "Bearer None"):
+        status, code, message = admin_problem(header, token, "MY_TOKEN_ENV")
+        assert (status, code) == (403, "admin_disabled") and "MY_TOKEN_ENV" in message
+
+
+def test_admin_token_is_compared_in_constant_time(monkeypatch):
+    import hmac
+
+    import router.ingress as ingress
+
+    calls, real = [], hmac.compare_digest
+    monkeypatch.setattr(ingress.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    admin_problem(f"Bearer {TOKEN}", TOKEN, "E")
+    admin_problem("Basic nope", TOKEN, "E")  # compared even when the scheme is wrong
+    assert calls == [(TOKEN.encode(), TOKEN.encode()), (b"nope", TOKEN.encode())]
+
+
+# ---- admission -------------------------------------------------------------------------------
+def _report(budget: int, dtype: str = "float16") -> dict[str, Any]:
+    return {"device_budget_bytes": budget, "default_dtype": dtype}
+
+
+def test_admission_refuses_only_what_fits_no_replica_and_states_the_numbers():
+    need = Need("big", {"float16": 70, "bfloat16": 70, "float32": 140}, {"float16": 30, "bfloat16": 30, "float32": 60})
+    assert admission_problem(need, {}) is None  # no reports yet: the replica decides
+    assert admission_problem(need, {"a": _report(100)}) is None  # 70 + 30 fits exactly
+    assert admission_problem(need, {"a": _report(99), "b": _report(100)}) is None
+    message = admission_problem(need, {"a": _report(99), "b": _report(50)})
+    assert message == ("checkpoint 'big' needs an estimated 100 bytes (weights + workspace for this request shape) "
+                       "but the largest replica budget is 99 bytes")
+    # Each replica is judged at its own dtype: the largest budget is a float32 one here.
+    message = admission_problem(need, {"a": _report(150, "float32"), "b": _report(90)})
+    assert "needs an estimated 200 bytes" in message and "largest replica budget is 150 bytes" in message
+
+
+# ---- request model ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [
+    "../demo-xs", "..", "/etc/passwd", "~/x", "file:///etc/passwd", "https://hf.co/a/b", "org/model", "a\\b",
+    "demo-xs\x00", "d\u0435mo-xs", "DEMO-XS", "", "a" * 65, " demo-xs", "demo-xs\n",
+])
+def test_request_names_can_never_be_paths_urls_or_hub_ids(name):
+    with pytest.raises(ValidationError, match="checkpoint"):
+        GenerateRequest(checkpoint=name, prompt="p")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("width", "64"), ("width", 64.0), ("seed", True), ("num_images", "1"), ("prompt", 1), ("guidance_scale", "7"),
+    ("guidance_scale", float("nan")), ("guidance_scale", float("inf")), ("num_images", 17), ("seed", 2**63),
+])
+def test_request_fields_are_strictly_typed_and_bounded(field, value):
+    with pytest.raises(ValidationError, match=field):
+        GenerateRequest.model_validate({"checkpoint": "demo-xs", "prompt": "p", field: value})
+
+
+def test_valid_request_still_accepts_ints_for_floats():
+    assert GenerateRequest(checkpoint="demo-xs.v2_b", prompt="p", guidance_scale=7).guidance_scale == 7.0
+
+
+# ---- config: bounded queues, seam off --------------------------------------------------------
+def test_serve_config_bounds_every_queue_and_leaves_the_test_seam_off():
+    doc = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    args = doc["applications"][0]["args"]
+    cfg = AppConfig.model_validate(args)
+    for settings in (cfg.replica, cfg.ingress):
+        assert 1 <= settings.max_ongoing_requests <= 256
+        assert 0 <= settings.max_queued_requests <= 1024, "an unbounded queue (-1) hides overload"
+    assert args["replica"]["max_ongoing_requests"] == 8 and args["replica"]["max_queued_requests"] == 64
+    assert cfg.replica.fault_injection is False
+    assert "fault_injection" not in yaml.safe_dump(doc)
+
+
+# ---- the fault-injection seam ----------------------------------------------------------------
+def test_faults_are_consumed_in_order_per_site_and_checkpoint():
+    inj = FaultInjector()
+    inj.arm(Fault("load", "oom", times=2, checkpoint="a"))
+    inj.arm(Fault("inference", "delay", delay_s=1.5))
+    assert inj.take("load", "b") is None
+    assert inj.take("load", "a").kind == "oom"
+    assert inj.take("inference", "b").delay_s == 1.5
+    assert inj.take("inference", "a") is None  # times=1: used up
+    assert inj.take("load", "a").kind == "oom"
+    assert inj.take("load", "a") is None
+    assert inj.state()["fired"] == {"load:oom": 2, "load:delay": 0, "inference:oom": 0, "inference:delay": 1}
+    token = inj.begin(Fault("load", "delay", delay_s=1), "a")
+    assert inj.state()["active"] == [{"site": "load", "kind": "delay", "checkpoint": "a"}]
+    inj.end(token)
+    assert inj.state()["active"] == []
+    inj.arm(Fault("load", "oom"))
+    inj.clear()
+    assert inj.state()["armed"] == []
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"site": "disk", "kind": "oom"}, "site"),
+    ({"site": "load", "kind": "segfault"}, "kind"),
+    ({"site": "load", "kind": "oom", "times": 0}, "times"),
+    ({"site": "load", "kind": "delay"}, "delay_s"),
+    ({"site": "load", "kind": "delay", "delay_s": 601}, "delay_s"),
+    ({"site": "load", "kind": "oom", "path": "/x"}, "path"),
+])
+def test_fault_misuse_names_the_parameter(raw, field):
+    with pytest.raises(ValueError, match=field):
+        Fault.from_dict(raw)
+    with pytest.raises(ValueError, match="site"):
+        FaultInjector().take("disk", "a")
+
+
+# ---- pipelines: safe loading, out of memory at load ------------------------------------------
+def test_loading_is_safetensors_only_local_only_and_never_trusts_remote_code(demo_dir, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    seen = {}
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(P.PipelineLoadError):
+        P.load_pipeline(demo_dir["demo-xs"], dtype="float32")
+    assert seen["use_safetensors"] is True and seen["trust_remote_code"] is False
+    assert seen["local_files_only"] is True
+
+
+def test_out_of_memory_during_load_is_typed_and_keeps_nothing_alive(demo_dir, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = Path(shutil.copytree(demo_dir["demo-xs"], tmp_path / "ckpt-xs"))
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) in (UNet2DConditionModel, AutoencoderKL))
+
+    before = live()
+
+    def oom(pipe):  # after from_pretrained built every module: as a move to the device would
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(P, "_materialize", oom)
+    with pytest.raises(P.PipelineLoadError) as info:
+        P.load_pipeline(folder, dtype="float32")
+    assert info.value.out_of_memory and P.is_out_of_memory(info.value)
+    assert str(tmp_path) not in str(info.value)
+    assert live() == before
+
+
+# ---- the replica's out-of-memory recovery (no Ray: ModelReplica constructed directly) --------
+@pytest.fixture
+def replica(demo_dir):
+    from deployments.demo import demo_registry_entries
+    from deployments.replica import ModelReplica
+
+    root = next(iter(demo_dir.values())).parent
+    rep = ModelReplica({"registry": demo_registry_entries(root), "replica": {
+        "profile": "cpu", "cpu_budget_bytes": 140_000_000, "fault_injection": True}})
+    yield rep
+    rep.shutdown()
+
+
+def _request(checkpoint: str, seed: int = 0) -> dict[str, Any]:
+    return {"checkpoint": checkpoint, "prompt": "p", "negative_prompt": None, "width": 64, "height": 64,
+            "num_inference_steps": 2, "guidance_scale": 7.5, "seed": seed, "num_images": 1}
+
+
+def _arm(replica, *faults: dict[str, Any]) -> dict[str, Any]:
+    import asyncio
+
+    return asyncio.run(replica.inject_faults(list(faults), clear=True))
+
+
+@pytest.mark.parametrize("site", ["load", "inference"])
+def test_replica_recovers_from_one_out_of_memory_error(replica, site):
+    assert replica._generate_sync(_request("demo-s"))["status"] == 200  # an idle entry to free
+    _arm(replica, {"site": site, "kind": "oom", "checkpoint": "demo-xs"})
+    r = replica._generate_sync(_request("demo-xs"))
+    assert r["status"] == 200, r
+    rep = replica.memory_report()
+    assert rep["counters"]["oom_recoveries"] == 1
+    assert [e["name"] for e in rep["entries"]] == ["demo-xs"]  # demo-s freed for the retry
+    assert rep["leaked_modules"] == 0
+    assert rep["counters"]["load_failures"] == (1 if site == "load" else 0)
+    assert rep["counters"]["disk_loads"] == 2  # demo-s, demo-xs once (the failed load does not count)
+
+
+def test_replica_answers_503_after_a_second_out_of_memory_error_and_serves_the_next(replica):
+    _arm(replica, {"site": "inference", "kind": "oom", "times": 2, "checkpoint": "demo-xs"})
+    r = replica._generate_sync(_request("demo-xs"))
+    assert r["status"] == 503 and r["error"]["code"] == "out_of_memory" and r["retry_after_s"] == 5
+    assert "'demo-xs'" in r["error"]["message"]
+    rep = replica.memory_report()
+    assert rep["counters"]["oom_recoveries"] == 2 and rep["in_flight"] == 0
+    assert rep["workspace_in_flight_bytes"] == 0 and rep["leaked_modules"] == 0
+    assert replica._generate_sync(_request("demo-xs", seed=1))["status"] == 200
+
+
+def test_replica_names_a_broken_checkpoint_by_its_registry_name_only(demo_dir, tmp_path):
+    from deployments.demo import demo_registry_entries
+    from deployments.replica import ModelReplica
+
+    root = next(iter(demo_dir.values())).parent
+    entries = demo_registry_entries(root)
+    folder = Path(shutil.copytree(demo_dir["demo-xs"], tmp_path / "some-folder"))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    rep = ModelReplica({"registry": [*entries, dict(entries[0], name="broken", path=str(folder))],
+                        "replica": {"profile": "cpu", "cpu_budget_bytes": 140_000_000}})
+    try:
+        r = rep._generate_sync(_request("broken"))
+        assert r["status"] == 500 and r["error"]["code"] == "checkpoint_load_failed"
+        assert r["error"]["message"].startswith("checkpoint 'broken' could not be loaded: ")
+        assert str(tmp_path) not in r["error"]["message"]
+        assert rep.memory_report()["entries"] == []
+        assert rep._generate_sync(_request("demo-xs"))["status"] == 200
+    finally:
+        rep.shutdown()
+
+
+def test_fault_injection_is_refused_when_off(demo_dir):
+    import asyncio
+
+    from deployments.demo import demo_registry_entries
+    from deployments.replica import ModelReplica
+
+    root = next(iter(demo_dir.values())).parent
+    rep = ModelReplica({"registry": demo_registry_entries(root), "replica": {"profile": "cpu"}})
+    try:
+        r = asyncio.run(rep.inject_faults([{"site": "load", "kind": "oom"}]))
+        assert r["status"] == 403 and r["error"]["code"] == "fault_injection_disabled"
+        assert type(rep._backend).__name__ == "TorchBackend"
+    finally:
+        rep.shutdown()
