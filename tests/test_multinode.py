@@ -158,7 +158,7 @@ def cluster():
                 except httpx.HTTPError:
                     return False
 
-            wait_for(dashboard_up, timeout_s=60, period_s=0.5, what="the dashboard's Serve REST API")
+            wait_for(dashboard_up, timeout_s=120, period_s=0.5, what="the dashboard's Serve REST API")
             # What KubeRay does with serveConfigV2 (YAML -> JSON, PUT).
             r = dash.put("/api/serve/applications/", json=deploy_document(http_port))
             assert r.status_code == 200, r.text
