@@ -154,7 +154,6 @@ class MemoryAwareRequestRouter(RequestRouter):
             return [list(candidates)]
         return ranks
 
-
     def _rank_unreported(self, candidates: list[RunningReplica], need: Need) -> list[list[RunningReplica]]:
         """Startup, before any report: least queue length first, as Ray's default router
         would, except that a replica this router already sent the checkpoint to goes first.
@@ -172,6 +171,7 @@ class MemoryAwareRequestRouter(RequestRouter):
             return (not placed, queue_lens.get(r.replica_id) or 0, i)
 
         return [[r] for _, r in sorted(enumerate(candidates), key=key)]
+
 
 def _need_of(pending_request: PendingRequest | None) -> Need | None:
     if pending_request is None:

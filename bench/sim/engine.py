@@ -323,6 +323,17 @@ class Simulation:
                 return
 
     # ---- replica side ------------------------------------------------------------------------
+    def _bounce(self, r: Rep, job: Job) -> None:
+        """The replica could not start ``job`` (an error or a shortfall): it leaves the
+        replica, goes back to the router, and the replica takes its next job."""
+        r.backend.drain()
+        r.changed = True
+        r.ongoing -= 1
+        r.dirty = True
+        if not self._route(job):
+            self.pending.append(job)
+        self._next(r)
+
     def _start(self, r: Rep, job: Job) -> None:
         now = self.clock.t
         ck = job.ck
@@ -333,25 +344,14 @@ class Simulation:
             # Counted by exception type; the client retries the request. (The host-tier
             # self-eviction bug of bench/repros/cache_host_self_eviction.py showed up here.)
             self.acquire_errors[type(exc).__name__] = self.acquire_errors.get(type(exc).__name__, 0) + 1
-            r.backend.drain()
-            r.changed = True
-            r.ongoing -= 1
-            r.dirty = True
-            if not self._route(job):
-                self.pending.append(job)
-            self._next(r)
+            self._bounce(r, job)
             return
-        r.changed = True
         if isinstance(lease, Shortfall):
             # The replica answers 503; the ingress retries: back to the router.
             self.shortfalls += 1
-            r.backend.drain()
-            r.ongoing -= 1
-            r.dirty = True
-            if not self._route(job):
-                self.pending.append(job)
-            self._next(r)
+            self._bounce(r, job)
             return
+        r.changed = True
         io = r.backend.drain()
         begin = max(now, r.io_free_s)
         r.io_free_s = begin + io
