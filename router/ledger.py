@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import types
 from dataclasses import dataclass
+from typing import Mapping
 
 from router.placement import EntryView, ReplicaView
 
@@ -36,6 +38,7 @@ class Ledger:
         self._by_replica: dict[str, dict[str, _Placed]] = {}  # replica id -> request id -> placement
         self._where: dict[str, str] = {}  # request id -> replica id
         self._versions: dict[str, int] = {}
+        self._versions_view = types.MappingProxyType(self._versions)  # live, read-only
         self._next_version = itertools.count(1)
 
     def _touch(self, replica_id: str) -> None:
@@ -84,6 +87,11 @@ class Ledger:
     def version(self, replica_id: str) -> int:
         """Changes whenever ``replica_id``'s placements change (0: never had any)."""
         return self._versions.get(replica_id, 0)
+
+    @property
+    def versions(self) -> Mapping[str, int]:
+        """replica id -> :meth:`version` (absent: 0), for a hot loop that reads many. Read-only."""
+        return self._versions_view
 
     def pending(self, replica_id: str) -> list[tuple[str, int]]:
         """(checkpoint, in-flight count) placed on ``replica_id`` and not yet reflected."""

@@ -70,6 +70,12 @@ class ReplicaView:
         dev = sorted((e for e in self.entries.values() if e.tier == "device"), key=lambda e: (e.in_use > 0, -e.idle_s))
         return tuple((e.bytes, e.idle_s, e.in_use > 0) for e in dev)
 
+    @cached_property
+    def score_memo(self) -> dict:
+        """Need.memo_key -> the queue-independent part of the sort key (see
+        placement._static). Private to placement; per view, never shared."""
+        return {}
+
 
 @dataclass(frozen=True)
 class Need:
@@ -87,6 +93,12 @@ class Need:
             raise ValueError(f"need for {self.checkpoint!r} has no estimate at dtype {dtype!r}; "
                              f"have {sorted(self.weights_bytes)}") from None
 
+    @cached_property
+    def memo_key(self) -> str:
+        """This need's figures at every dtype as one string: equal needs give equal keys, and
+        a str caches its hash, so one decision's lookups in every view's memo hash it once."""
+        return repr((self.checkpoint, sorted(self.weights_bytes.items()), sorted(self.workspace_bytes.items())))
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -102,17 +114,18 @@ class Placement:
         return (self.spilled, self.rank, self.evict_bytes, -self.victims_idle_s, self.queue_len)
 
 
-def _score(view: ReplicaView, checkpoint: str, weights: int, workspace: int, queue_len: int,
-           spill_queue_len: int, index: int = 0) -> tuple | None:
-    """The sort key of one replica for one need: (spilled, rank, evict bytes, -victims idle s,
-    queue length, index, victims idle s); None when the need can never fit the budget. The
-    index (the view's position) makes ties keep view order."""
+_MISS = object()
+_MEMO_MAX = 4096  # distinct needs remembered per view; a view lives about one report period
+
+
+def _static(view: ReplicaView, checkpoint: str, weights: int, workspace: int) -> tuple | None:
+    """The part of a replica's sort key that does not move with its queue: (rank, evict
+    bytes, -victims idle s); None when the need can never fit the budget."""
     entry = view.entries.get(checkpoint)
-    spilled = queue_len >= spill_queue_len
     if entry is not None and entry.tier == "device":
         if entry.bytes + workspace > view.budget_bytes:
             return None
-        return (spilled, Rank.ON_DEVICE, 0, -0.0, queue_len, index, 0.0)
+        return (Rank.ON_DEVICE, 0, -0.0)
     if entry is not None and entry.tier == "host":
         rank_, required = Rank.ON_HOST, entry.bytes + workspace
     else:
@@ -122,7 +135,7 @@ def _score(view: ReplicaView, checkpoint: str, weights: int, workspace: int, que
         return None
     free, resident, max_resident = budget - view.used_bytes, view.resident_count, view.max_resident
     if free >= required and resident < max_resident:
-        return (spilled, rank_, 0, -0.0, queue_len, index, 0.0)
+        return (rank_, 0, -0.0)
     # The requested checkpoint is not on this device here, so every device entry is a
     # candidate victim.
     evicted, idle_sum, busy = 0, 0.0, False
@@ -135,9 +148,26 @@ def _score(view: ReplicaView, checkpoint: str, weights: int, workspace: int, que
         resident -= 1
         busy = busy or in_use
     if busy or not (free >= required and resident < max_resident):
-        return (spilled, Rank.BUSY, evicted, -idle_sum, queue_len, index, idle_sum)
+        return (Rank.BUSY, evicted, -idle_sum)
     # Reloading from host keeps its rank: it is cheaper than any disk load, even with evictions.
-    return (spilled, rank_ if rank_ is Rank.ON_HOST else Rank.EVICT, evicted, -idle_sum, queue_len, index, idle_sum)
+    return (rank_ if rank_ is Rank.ON_HOST else Rank.EVICT, evicted, -idle_sum)
+
+
+def _static_memo(view: ReplicaView, need: Need) -> tuple | None:
+    """:func:`_static` remembered on the (immutable) view: a router reuses one view for
+    every decision until that replica's report or placements change, and popular
+    checkpoints are asked for again and again in that time."""
+    memo = view.score_memo
+    s = memo.get(need.memo_key, _MISS)
+    return _fill_memo(view, need) if s is _MISS else s
+
+
+def _fill_memo(view: ReplicaView, need: Need) -> tuple | None:
+    memo = view.score_memo
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    s = memo[need.memo_key] = _static(view, need.checkpoint, *need.at(view.default_dtype))
+    return s
 
 
 def place_one(view: ReplicaView, need: Need, *, spill_queue_len: int) -> Placement | None:
@@ -148,31 +178,34 @@ def place_one(view: ReplicaView, need: Need, *, spill_queue_len: int) -> Placeme
     report is stale by up to a period. Otherwise idle entries are evicted most idle first
     (the cache's LRU order); needing entries that are in use ranks BUSY (wait, then evict).
     """
-    weights, workspace = need.at(view.default_dtype)
-    key = _score(view, need.checkpoint, weights, workspace, view.queue_len, spill_queue_len)
-    if key is None:
+    s = _static_memo(view, need)
+    if s is None:
         return None
-    spilled, rank_, evicted, _, queue_len, _, idle_sum = key
-    return Placement(view.replica_id, Rank(rank_), evicted, idle_sum, queue_len, spilled)
+    rank_, evicted, neg_idle_s = s
+    return Placement(view.replica_id, Rank(rank_), evicted, -neg_idle_s, view.queue_len,
+                     view.queue_len >= spill_queue_len)
 
 
 def _keys(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
           queue_lens: Sequence[int] | None) -> list[tuple]:
-    """Sorted (key..., index) of every replica that could ever serve ``need``."""
+    """Sorted (spilled, (rank, evict bytes, -victims idle s), queue length, index) of every
+    replica that could ever serve ``need``. The index makes ties keep view order."""
     if spill_queue_len < 1:
         raise ValueError(f"spill_queue_len must be >= 1, got {spill_queue_len}")
     if queue_lens is not None and len(queue_lens) != len(views):
         raise ValueError(f"queue_lens has {len(queue_lens)} entries for {len(views)} views; pass one per view or None")
-    per_dtype: dict[str, tuple[int, int]] = {}
-    keys = []
-    for i, v in enumerate(views):
-        at = per_dtype.get(v.default_dtype)
-        if at is None:
-            at = per_dtype[v.default_dtype] = need.at(v.default_dtype)
-        q = v.queue_len if queue_lens is None else queue_lens[i]
-        key = _score(v, need.checkpoint, at[0], at[1], q, spill_queue_len, i)
-        if key is not None:
-            keys.append(key)
+    memo_key = need.memo_key
+    keys: list[tuple] = []
+    append = keys.append
+    # The hot loop of every decision: one memo lookup and one small tuple per replica.
+    if queue_lens is None:
+        queue_lens = [v.queue_len for v in views]
+    for i, (v, q) in enumerate(zip(views, queue_lens)):
+        s = v.score_memo.get(memo_key, _MISS)
+        if s is _MISS:
+            s = _fill_memo(v, need)
+        if s is not None:
+            append((q >= spill_queue_len, s, q, i))
     keys.sort()
     return keys
 
@@ -180,8 +213,8 @@ def _keys(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
 def rank(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4) -> list[Placement]:
     """All replicas that could ever serve ``need``, best first. Empty: fits none of them."""
     views = list(views)
-    return [Placement(views[i].replica_id, Rank(r), ev, idle, q, sp)
-            for sp, r, ev, _neg_idle, q, i, idle in _keys(views, need, spill_queue_len, None)]
+    return [Placement(views[i].replica_id, Rank(r), ev, -neg_idle_s, q, sp)
+            for sp, (r, ev, neg_idle_s), q, i in _keys(views, need, spill_queue_len, None)]
 
 
 def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4,
@@ -198,9 +231,9 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     multiplexing waits for a replica holding the model).
     """
     keys = _keys(views, need, spill_queue_len, queue_lens)
-    if not evict_for_held and any(k[1] <= Rank.ON_HOST for k in keys):
-        keys = [k for k in keys if k[1] <= Rank.FITS]
-    return [k[5] for k in keys]
+    if not evict_for_held and any(k[1][0] <= Rank.ON_HOST for k in keys):
+        keys = [k for k in keys if k[1][0] <= Rank.FITS]
+    return [k[3] for k in keys]
 
 
 def largest_budget(views: Sequence[ReplicaView]) -> int:

@@ -121,14 +121,15 @@ class MemoryAwareRequestRouter(RequestRouter):
     def rank_for(self, candidates: list[RunningReplica], need: Need,
                  evict_for_held: bool = True) -> list[list[RunningReplica]]:
         views, queues, reported, unreported = [], [], [], []
-        cache, version, queue_lens = self._views, self._ledger.version, self.replica_queue_len_cache
+        cache, versions, queue_lens = self._views, self._ledger.versions, self.replica_queue_len_cache
         for r in candidates:
             stats = r.routing_stats
             if not stats:
                 unreported.append(r)
                 continue
-            rid = r.replica_id.unique_id
-            v = version(rid)
+            replica_id = r.replica_id
+            rid = replica_id.unique_id
+            v = versions.get(rid, 0)
             cached = cache.get(rid)
             if cached is not None and cached[0] is stats and cached[1] == v:
                 view = cached[2]
@@ -136,7 +137,7 @@ class MemoryAwareRequestRouter(RequestRouter):
                 view = self._ledger.overlay(view_from_report(rid, stats, 0))
                 cache[rid] = (stats, v, view)
             views.append(view)
-            queues.append(queue_lens.get(r.replica_id) or 0)
+            queues.append(queue_lens.get(replica_id) or 0)
             reported.append(r)
         if len(self._views) > 2 * len(candidates) + 8:  # replicas that left: drop their views
             live = {r.replica_id.unique_id for r in candidates}

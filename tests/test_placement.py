@@ -180,6 +180,37 @@ def test_rank_matches_the_independent_reference_on_random_views():
             [p.replica_id for p in real]
 
 
+def test_views_reused_across_needs_rank_as_fresh_views_do():
+    """Each view remembers its score per need (placement.score_memo); a view that has seen
+    other needs, including the same checkpoint at other sizes, ranks like a fresh one."""
+    import random
+
+    from bench import placement_fast as reference
+
+    rng = random.Random(12)
+    for _ in range(20):
+        views = random_views(rng, rng.randrange(2, 12))
+        for _ in range(40):
+            # Few names, many sizes: the same checkpoint comes back at another resolution.
+            nd = need(f"c{rng.randrange(4)}", weights=rng.randrange(5, 90), workspace=rng.randrange(0, 20))
+            spill = rng.randrange(1, 6)
+            queues = [rng.randrange(0, 6) for _ in views]
+            fresh = [ReplicaView(v.replica_id, v.budget_bytes, v.used_bytes, v.default_dtype, v.entries, q,
+                                 v.max_resident) for v, q in zip(views, queues)]
+            expected = [p.replica_id for p in reference.rank_fast([reference.prepare(v) for v in fresh], nd,
+                                                                  spill_queue_len=spill)]
+            got = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues)
+            assert [views[i].replica_id for i in got] == expected
+    assert sum(len(v.score_memo) for v in views) > len(views)  # the memo was in use
+
+
+def test_need_memo_key_tells_apart_needs_with_other_figures():
+    assert need("a", 40, 10).memo_key == need("a", 40, 10).memo_key
+    keys = {need("a", 40, 10).memo_key, need("a", 40, 11).memo_key, need("a", 41, 10).memo_key,
+            need("b", 40, 10).memo_key, Need("a", {F16: 40}, {F16: 10}).memo_key}
+    assert len(keys) == 5
+
+
 def test_queue_lens_override_the_views_queue():
     views = [view("a", queue=0), view("b", queue=0)]
     assert [views[i].replica_id for i in rank_indices(views, need(), queue_lens=[5, 0])] == ["b", "a"]
