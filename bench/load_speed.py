@@ -16,7 +16,8 @@ read speed). Medians over ``--reps``. Where the time goes: ``load_sub_model`` pe
 mmap-backed tensors to private memory), the rest of ``DiffusionPipeline.from_pretrained``
 (model_index, tokenizer, scheduler), and ``move_pipeline`` on CUDA. A reference
 "safetensors floor" is measured too: ``safetensors.torch.load(open(f).read())`` for every file
-(read + one deserializing copy; what a disable_mmap load cannot beat).
+(read + one deserializing copy; what a disable_mmap load cannot beat), and on CPU the
+loader used before (``disable_mmap=True``, the "read path") beside the current one.
 
 The large checkpoint is a full StableDiffusionPipeline at SD1.5 size (UNet 860M + CLIP-L +
 VAE, random fp16 weights, ~2.1 GB) generated once under ``~/.cache/memrouter/bench`` (never in
@@ -136,6 +137,19 @@ def raw_read(files: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
+def mapped_copy(files: list[Path]) -> float:
+    """Seconds to copy every file from the page cache into fresh private torch memory via a
+    memory map (``torch.frombuffer(mmap).clone()``): the least work that ends with the bytes
+    in this process's own memory, a tighter limit than ``open().read()`` on this machine."""
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            src = torch.frombuffer(mm, dtype=torch.uint8)
+            dst = src.clone()
+            del src, dst
+    return time.perf_counter() - t0
+
+
 def safetensors_floor(files: list[Path]) -> float:
     """Seconds for read + deserialize of every file (``safetensors.torch.load(bytes)``)."""
     from safetensors.torch import load
@@ -216,20 +230,17 @@ def timed_load(path: Path, dtype: str, device: str) -> tuple[float, dict[str, An
     return total, pt.times, pipe
 
 
-def timed_mmap_load(path: Path, dtype: str) -> tuple[float, int]:
-    """Prototype of a faster loader (CPU): from_pretrained with mmap, then the project's _materialize.
-
-    The same arguments as load_pipeline except ``disable_mmap=False``: the weights are first
-    mapped from the page cache, then _materialize copies each mapped tensor once into private
-    memory (the disable_mmap path reads the file into a bytes object, then deserializes it:
-    two copies). Returns seconds and how many tensors are still file-backed afterwards (0 =
-    the same guarantee as load_pipeline).
-    """
+def timed_read_load(path: Path, dtype: str) -> tuple[float, int]:
+    """The loader this project used before (CPU), for comparison: the same from_pretrained
+    call with ``disable_mmap=True`` (each file read into a bytes object, then deserialized:
+    two copies), then _materialize for the components that map their files regardless
+    (transformers' text encoders). Returns seconds and how many tensors are still
+    file-backed afterwards (0 = the same guarantee as load_pipeline)."""
     from diffusers import DiffusionPipeline
 
     t0 = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(str(path), dtype=P.torch_dtype(dtype), use_safetensors=True, local_files_only=True,
-                                             trust_remote_code=False, disable_mmap=False)
+                                             trust_remote_code=False, disable_mmap=True)
     P._materialize(pipe)
     t = time.perf_counter() - t0
     backed = sum(max(0, P.file_backed_tensors(m)) for m in P.module_components(pipe).values())
@@ -252,14 +263,15 @@ def cold_load_rows(name: str, path: Path, reps: int, device: str) -> dict[str, A
     files = safetensors_files(path)
     dtype = stored_dtype(path)
     raw_read(files)  # warm the page cache
-    reads, floors, loads, phases, proto = [], [], [], [], []
+    reads, floors, loads, phases, read_path, copies = [], [], [], [], [], []
     backed: dict[str, int] = {}
-    proto_backed = 0
+    read_backed = 0
     nbytes = 0
     resident = None
     for _ in range(reps):
         t, nbytes = raw_read(files)
         reads.append(t)
+        copies.append(mapped_copy(files))
         floors.append(safetensors_floor(files))
         gc.collect()
         load_s, ph, pipe = timed_load(path, dtype, device)
@@ -270,8 +282,8 @@ def cold_load_rows(name: str, path: Path, reps: int, device: str) -> dict[str, A
             resident = sum(P.measure_bytes(pipe).values())
         free(pipe)
         if device == "cpu":
-            t_p, proto_backed = timed_mmap_load(path, dtype)
-            proto.append(t_p)
+            t_p, read_backed = timed_read_load(path, dtype)
+            read_path.append(t_p)
     keys = sorted({k for ph in phases for k in ph})
     phase_med = {k: round(med([ph.get(k, 0.0) for ph in phases]), 4) for k in keys}
     r, l = med(reads), med(loads)
@@ -279,14 +291,15 @@ def cold_load_rows(name: str, path: Path, reps: int, device: str) -> dict[str, A
         "checkpoint": name, "dtype": dtype, "device": device, "files": len(files), "file_bytes": nbytes,
         "resident_bytes": resident, "reps": reps,
         "raw_read_s": round(r, 4), "raw_read_GBps": round(nbytes / r / GB, 3),
+        "mapped_copy_s": round(med(copies), 4), "mapped_copy_ratio": round(med(copies) / l, 4),
         "safetensors_floor_s": round(med(floors), 4), "safetensors_floor_GBps": round(nbytes / med(floors) / GB, 3),
         "load_s": round(l, 4), "load_GBps": round(nbytes / l / GB, 3),
         "ratio": round(r / l, 4), "floor_ratio": round(r / med(floors), 4), "meets_target": r / l >= TARGET,
         "load_s_all": [round(x, 4) for x in loads], "raw_read_s_all": [round(x, 4) for x in reads],
         "phases_median_s": phase_med, "mmap_backed_bytes_before_materialize": backed,
-        "proto_mmap_materialize_s": round(med(proto), 4) if proto else None,
-        "proto_ratio": round(r / med(proto), 4) if proto else None,
-        "proto_file_backed_tensors_after": proto_backed if proto else None,
+        "read_path_s": round(med(read_path), 4) if read_path else None,
+        "read_path_ratio": round(r / med(read_path), 4) if read_path else None,
+        "read_path_file_backed_tensors_after": read_backed if read_path else None,
     }
 
 
@@ -372,23 +385,27 @@ def write_md(path: Path, res: dict[str, Any]) -> None:
          f"Command: `{res['command']}`. Medians of {res['reps']} repetitions. Target: ratio >= {TARGET}.", "",
          "## Cold load (disk -> device) vs raw read of the same safetensors bytes, page cache warm", "",
          "`ratio = raw_read_s / load_s` (1.0 = the load runs at raw read speed). `floor` = safetensors.torch.load "
-         "of the file bytes (read + one deserializing copy), the best a disable_mmap loader can do.", "",
-         "| checkpoint | dtype | device | files | MB | raw read s | raw GB/s | floor s | load s | load GB/s | ratio | floor ratio | >= 0.8 | proto s | proto ratio |",
-         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+         "of the file bytes (read + one deserializing copy), the best a disable_mmap (read-path) loader can do.", "",
+         "| checkpoint | dtype | device | files | MB | raw read s | raw GB/s | floor s | load s | load GB/s | ratio | floor ratio | >= 0.8 | read-path s | read-path ratio | mapped copy s | load vs mapped copy |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in res["cold"]:
         L.append(f"| {r['checkpoint']} | {r['dtype']} | {r['device']} | {r['files']} | {r['file_bytes'] / 1e6:.1f} | {r['raw_read_s']:.4f} | "
                  f"{r['raw_read_GBps']:.2f} | {r['safetensors_floor_s']:.4f} | {r['load_s']:.4f} | {r['load_GBps']:.3f} | {r['ratio']:.3f} | "
                  f"{r['floor_ratio']:.3f} | {'yes' if r['meets_target'] else '**no**'} | "
-                 f"{'-' if r.get('proto_mmap_materialize_s') is None else format(r['proto_mmap_materialize_s'], '.4f')} | "
-                 f"{'-' if r.get('proto_ratio') is None else format(r['proto_ratio'], '.3f')} |")
-    L += ["", "`proto` = prototype loader (not the project's): the same from_pretrained call with `disable_mmap=False`, then the "
-          "project's `_materialize` (one copy from the page cache instead of read + deserialize); file-backed tensors "
-          "after it: " + ", ".join(f"{r['checkpoint']} {r.get('proto_file_backed_tensors_after')}" for r in res["cold"]) + ".",
+                 f"{'-' if r.get('read_path_s') is None else format(r['read_path_s'], '.4f')} | "
+                 f"{'-' if r.get('read_path_ratio') is None else format(r['read_path_ratio'], '.3f')} | "
+                 f"{r['mapped_copy_s']:.4f} | {r['mapped_copy_ratio']:.3f} |")
+    L += ["", "`load` = load_pipeline: from_pretrained with the files memory-mapped, then `_materialize` (one copy from "
+          "the page cache into private memory). `read-path` = the loader used before, for comparison: the same call with "
+          "`disable_mmap=True` (read + deserializing copy), then `_materialize`. `mapped copy` = every file copied from the page "
+          "cache into fresh torch memory through a memory map, no parsing: a tighter limit than `open().read()`, which on "
+          "this machine is slower than the mapped copy; `load vs mapped copy` = mapped_copy_s / load_s. File-backed "
+          "tensors after the read path: " + ", ".join(f"{r['checkpoint']} {r.get('read_path_file_backed_tensors_after')}" for r in res["cold"]) + ".",
           "", "### Where the load time goes (median seconds)", "", "| checkpoint | phase | s | share |", "|---|---|---:|---:|"]
     for r in res["cold"]:
         for k, v in sorted(r["phases_median_s"].items(), key=lambda kv: -kv[1]):
             L.append(f"| {r['checkpoint']} | {k} | {v:.4f} | {100 * v / r['load_s']:.0f}% |")
-    L += ["", "Bytes still mmap-backed after from_pretrained(disable_mmap=True), copied by _materialize: "
+    L += ["", "Bytes mmap-backed after from_pretrained, copied by _materialize: "
           + "; ".join(f"{r['checkpoint']}: " + (", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r["mmap_backed_bytes_before_materialize"].items() if v) or "none")
                       for r in res["cold"])]
     L += ["", "## Warm reload (host -> device) vs pinned H2D bandwidth", ""]
@@ -422,8 +439,8 @@ def plot(path: Path, res: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     axes[0].bar(x, [r["ratio"] for r in cold], 0.5, label="load_pipeline")
     axes[0].plot(x, [r["floor_ratio"] for r in cold], "k^", label="safetensors.torch.load floor")
-    if all(r.get("proto_ratio") for r in cold):
-        axes[0].plot(x, [r["proto_ratio"] for r in cold], "gs", label="prototype: mmap + _materialize")
+    if all(r.get("read_path_ratio") for r in cold):
+        axes[0].plot(x, [r["read_path_ratio"] for r in cold], "gs", label="read path (disable_mmap=True), the loader before")
     axes[0].axhline(TARGET, color="red", ls="--", lw=1, label=f"target {TARGET}")
     axes[0].set_xticks(x, names, fontsize=8)
     axes[0].set_ylabel("raw read time / load time")
@@ -486,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_note = ("no CUDA device on this machine: pinned/pageable H2D bandwidth, mmap-backed vs materialized host "
                      "copies and the move_pipeline warm reload run only on a GPU (python -m bench.load_speed there).")
 
-    notes.append("On CPU the 'device' is the CPU: load_pipeline(device='cpu') = from_pretrained(disable_mmap=True) + _materialize; "
+    notes.append("On CPU the 'device' is the CPU: load_pipeline(device='cpu') = from_pretrained (files memory-mapped) + _materialize; "
                  "there is no separate host tier to reload from.")
     res = {"machine": extended_machine_info(), "command": "python -m bench.load_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
            "reps": args.reps, "target": TARGET, "cold": cold, "bandwidth": bandwidth, "warm": warm, "warm_note": warm_note,

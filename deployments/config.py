@@ -29,8 +29,10 @@ class ReplicaSettings(BaseModel):
     spill_queue_len: int = Field(default=4, ge=1, description="Queue length at which a hot checkpoint spreads.")
     holder_wait_s: float = Field(
         default=2.0, ge=0,
-        description="How long a request for a checkpoint some replica holds waits for that replica (or one with "
-                    "free room) before another replica may evict to load it. 0: never wait.")
+        description="Until the replicas have measured service times (their first inference and load), how long a "
+                    "request for a checkpoint some replica holds waits for that replica (or one with free room) "
+                    "before another replica may evict to load it. 0: never wait. Once measured, the router compares "
+                    "the expected wait at the holder with the expected load elsewhere instead.")
     fault_injection: bool = Field(
         default=False,
         description="TEST SEAM (deployments/faults.py): lets ModelReplica.inject_faults arm injected out-of-memory "

@@ -5,9 +5,10 @@ replica) deals in names and byte counts.
 
 Loading never unpickles: weights are read from safetensors only (``use_safetensors=True``),
 remote code is never trusted, and nothing is fetched from a hub (``local_files_only=True``).
-After loading, no weight stays memory-mapped from its file, so rewriting or deleting a
-checkpoint folder on disk cannot change (or crash, via SIGBUS on truncation) a pipeline
-already in memory.
+Weights are mapped from the page cache and copied once to where they live (the device, or
+private host memory); when :func:`load_pipeline` returns, no weight stays memory-mapped from
+its file, so rewriting or deleting a checkpoint folder on disk cannot change (or crash, via
+SIGBUS on truncation) a pipeline already in memory.
 """
 
 from __future__ import annotations
@@ -139,11 +140,8 @@ def _rehome(tensors: list[torch.Tensor], make_storage: Callable[[torch.UntypedSt
 
 
 def _materialize(pipe: Any) -> None:
-    """Copy into private memory every CPU tensor that is still backed by a safetensors mmap.
-
-    diffusers honours ``disable_mmap`` for its own models, but transformers components
-    (text encoders) are loaded mmap-backed regardless, so they are copied here.
-    """
+    """Copy into private memory every CPU tensor that is still backed by a safetensors mmap
+    (one copy each; tensors sharing a storage keep sharing the copy)."""
     ranges = _safetensors_mappings()
     for module in module_components(pipe).values():
         backed = [t for t in _tensors(module) if t.device.type == "cpu" and (ranges is None or _in_ranges(t, ranges))]
@@ -163,8 +161,14 @@ def load_pipeline(path: Path, *, dtype: str, quantization: str = "none", device:
 
     Safetensors only, local files only, no remote code. ``quantization`` is ``"none"``,
     ``"int8"`` or ``"nf4"`` (bitsandbytes, denoiser only; bitsandbytes needs a CUDA GPU,
-    so on a CPU-only host these fail with PipelineLoadError). Every tensor left on CPU is
-    materialized (not mmap-backed by the file).
+    so on a CPU-only host these fail with PipelineLoadError).
+
+    The files are memory-mapped (one copy from the page cache to the destination, where
+    reading them first costs a read plus a deserializing copy: bench/load_speed.py measures
+    both), then every tensor left on CPU is materialized into private memory before this
+    returns. A file truncated at rest fails safetensors' size check like any corrupt file;
+    caveat: a file truncated *while* it is being loaded can end the process with SIGBUS
+    (Serve then restarts the replica), so replace checkpoint files by rename, not in place.
 
     Raises ValueError for a bad ``dtype``/``quantization`` argument and PipelineLoadError
     (naming only the folder's last path component) for any failure to load. A failed load
@@ -191,12 +195,12 @@ def load_pipeline(path: Path, *, dtype: str, quantization: str = "none", device:
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=False,
-            disable_mmap=True,
+            disable_mmap=False,
             quantization_config=_quantization_config(path, quantization, dt),
         )
-        _materialize(pipe)
         if device != "cpu":
-            move_pipeline(pipe, device)
+            move_pipeline(pipe, device)  # straight from the page cache: one copy
+        _materialize(pipe)  # whatever stays on the host (all of it on a cpu replica)
     except Exception as exc:  # noqa: BLE001 - every load failure becomes a PipelineLoadError
         failure = (_redact(f"{type(exc).__name__}: {exc}", path), is_out_of_memory(exc))
     if failure is not None:

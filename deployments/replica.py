@@ -27,6 +27,7 @@ from deployments.cache import CacheConfig, CacheReport, PipelineCache, Shortfall
 from deployments.config import AppConfig
 from deployments.faults import Fault, FaultInjector
 from deployments.metrics import ReplicaMetrics
+from deployments.service_times import ServiceTimes
 from router import profiles
 from router.api import ResolvedRequest
 from router.estimator import EstimateError, Estimator
@@ -98,6 +99,7 @@ class ModelReplica:
         self._run_slot = threading.Semaphore(1)
         self._timeline: collections.deque = collections.deque(maxlen=TIMELINE_SAMPLES)
         self._metrics = ReplicaMetrics()
+        self._service_times = ServiceTimes()
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._idle_loop, name="memrouter-idle", daemon=True)
         self._monitor.start()
@@ -195,6 +197,7 @@ class ModelReplica:
         load_ms = (time.perf_counter() - t0) * 1000
         if lease.served_from.value != "device":
             self._metrics.load_seconds(load_ms / 1000, lease.served_from.value)
+            self._service_times.load(lease.served_from.value, est.weights_bytes, lease.load_s)
         self._sample(f"acquire:{req.checkpoint}")
         with lease:
             t1 = time.perf_counter()
@@ -205,6 +208,7 @@ class ModelReplica:
                 seed=req.seed, num_images=req.num_images, device=self.device,
             )
             inference_ms = (time.perf_counter() - t1) * 1000
+            self._service_times.inference(inference_ms / 1000)
         self._sample(f"release:{req.checkpoint}")
         return {
             "status": 200,
@@ -242,6 +246,7 @@ class ModelReplica:
             ],
             "in_flight": rep.in_flight,
             "counters": rep.counters,
+            "service_times": self._service_times.report().as_dict(),
             "leaked_modules": rep.leaked_modules,
             "cuda": cuda,
             "timestamp_s": time.time(),

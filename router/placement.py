@@ -54,6 +54,11 @@ class ReplicaView:
     entries: Mapping[str, EntryView] = field(default_factory=dict)
     queue_len: int = 0
     max_resident: int = 1 << 30
+    # Measured service times from the replica's report (0: not measured yet). Only the
+    # holder gate of rank_indices reads them.
+    inference_s: float = 0.0
+    disk_load_bytes_per_s: float = 0.0
+    host_reload_bytes_per_s: float = 0.0
 
     @property
     def free_bytes(self) -> int:
@@ -219,21 +224,72 @@ def rank(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4) 
 
 def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4,
                  queue_lens: Sequence[int] | None = None, evict_for_held: bool = True) -> list[int]:
-    """The order :func:`rank` gives, as indices into ``views``: the router's hot path.
+    """The order :func:`rank` gives, as indices into ``views``, less the replicas that should
+    not load the checkpoint while another holds it: the router's hot path.
 
     ``queue_lens`` (one per view) overrides each view's ``queue_len``, so that a cached view
     can be reused while only its queue length moves.
 
-    ``evict_for_held=False``: when some replica holds the checkpoint (device or host), leave
-    out the replicas that would have to evict to load it. Under overload the holder's queue
-    fills, and sending the overflow to a replica that evicts its own working set makes both
-    replicas thrash; the caller waits for the holder instead, for a bounded time (as Ray's
-    multiplexing waits for a replica holding the model).
+    The holder gate, when some replica holds the checkpoint (device or host): under overload
+    the holder's queue fills, and sending the overflow to a replica that loads it (evicting
+    its own working set) makes both replicas thrash. So a replica that would have to load
+    is kept only if that is expected to finish sooner than waiting for the best holder:
+    ``queue x inference_s + (weights + evicted bytes) / disk_load_bytes_per_s`` (the evicted
+    bytes are counted once more because what is evicted tends to be loaded back) against
+    ``queue x inference_s (+ host reload)`` on the holder. The caller waits (Ray backs off
+    and asks again) rather than send it elsewhere. Where either side has no measured times
+    yet, the rule is by rank instead: replicas with free room are kept, replicas that must
+    evict only once ``evict_for_held`` (the caller has waited long enough, as Ray's
+    multiplexing waits a bounded time for a replica holding the model).
+
+    Caveat: the estimate is per replica, not per checkpoint (one mean inference time), and
+    assumes the queue ahead runs at that mean.
     """
     keys = _keys(views, need, spill_queue_len, queue_lens)
-    if not evict_for_held and any(k[1][0] <= Rank.ON_HOST for k in keys):
-        keys = [k for k in keys if k[1][0] <= Rank.FITS]
+    if any(k[1][0] <= Rank.ON_HOST for k in keys):
+        keys = _gate_for_holders(keys, views, need, evict_for_held)
     return [k[3] for k in keys]
+
+
+def _holder_wait_s(view: ReplicaView, checkpoint: str, queue_len: int) -> float | None:
+    """Expected seconds before a holder could start this request; None: not measured."""
+    if view.inference_s <= 0:
+        return None
+    wait_s = queue_len * view.inference_s
+    entry = view.entries.get(checkpoint)
+    if entry is not None and entry.tier == "host":
+        if view.host_reload_bytes_per_s <= 0:
+            return None
+        wait_s += entry.bytes / view.host_reload_bytes_per_s
+    return wait_s
+
+
+def _load_elsewhere_s(view: ReplicaView, weights_bytes: int, evicted_bytes: int, queue_len: int) -> float | None:
+    """Expected seconds before a non-holder could start it, counting the evicted bytes'
+    reload as a cost of this choice; None: not measured."""
+    if view.inference_s <= 0 or view.disk_load_bytes_per_s <= 0:
+        return None
+    return queue_len * view.inference_s + (weights_bytes + evicted_bytes) / view.disk_load_bytes_per_s
+
+
+def _gate_for_holders(keys: list[tuple], views: Sequence[ReplicaView], need: Need, evict_for_held: bool) -> list[tuple]:
+    checkpoint = need.checkpoint
+    waits = [_holder_wait_s(views[k[3]], checkpoint, k[2]) for k in keys if k[1][0] <= Rank.ON_HOST]
+    best_wait_s = None if None in waits else min(waits)
+    kept = []
+    for k in keys:
+        rank_ = k[1][0]
+        if rank_ <= Rank.ON_HOST:
+            kept.append(k)
+            continue
+        v = views[k[3]]
+        cost_s = None if best_wait_s is None else _load_elsewhere_s(v, need.at(v.default_dtype)[0], k[1][1], k[2])
+        if cost_s is not None:
+            if cost_s < best_wait_s:
+                kept.append(k)
+        elif evict_for_held or rank_ <= Rank.FITS:
+            kept.append(k)
+    return kept
 
 
 def largest_budget(views: Sequence[ReplicaView]) -> int:

@@ -39,6 +39,7 @@ def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) ->
         e["name"]: EntryView(e["tier"], int(e["bytes"]), float(e["idle_s"]), int(e["in_use"]))
         for e in report.get("entries", ())
     }
+    times = report.get("service_times") or {}
     return ReplicaView(
         replica_id=replica_id,
         budget_bytes=int(report["device_budget_bytes"]),
@@ -47,6 +48,9 @@ def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) ->
         entries=entries,
         queue_len=queue_len,
         max_resident=int(report.get("max_resident", 1 << 30)),
+        inference_s=float(times.get("inference_s", 0.0)),
+        disk_load_bytes_per_s=float(times.get("disk_load_bytes_per_s", 0.0)),
+        host_reload_bytes_per_s=float(times.get("host_reload_bytes_per_s", 0.0)),
     )
 
 
@@ -107,7 +111,9 @@ class MemoryAwareRequestRouter(RequestRouter):
         need = _need_of(pending_request) if pending_request is not None else None
         if need is None:
             return [list(candidate_replicas)]
-        # For up to holder_wait_s a request for a held checkpoint waits for a holder (or a
+        # A request for a held checkpoint goes to a replica that must load it only when that
+        # is expected to be quicker than waiting for a holder (measured service times);
+        # before times are measured, it waits up to holder_wait_s for a holder (or a
         # replica with free room) rather than making another replica evict for it.
         waited_s = time.time() - pending_request.created_at
         ranks = self.rank_for(candidate_replicas, need, evict_for_held=waited_s >= self._holder_wait_s)

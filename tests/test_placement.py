@@ -323,3 +323,71 @@ def test_rank_for_leaves_evicting_replicas_out_while_the_request_may_wait_for_th
     ids = lambda ranks: [[r.replica_id.unique_id for r in rank_] for rank_ in ranks]  # noqa: E731
     assert ids(router.rank_for([holder, full], need("x"), evict_for_held=False)) == [["h"]]
     assert ids(router.rank_for([holder, full], need("x"))) == [["f"], ["h"]]
+
+
+def timed(v: ReplicaView, inference_s: float = 1.0, disk_bps: float = 100.0, host_bps: float = 1000.0) -> ReplicaView:
+    import dataclasses
+
+    return dataclasses.replace(v, inference_s=inference_s, disk_load_bytes_per_s=disk_bps,
+                               host_reload_bytes_per_s=host_bps)
+
+
+def test_with_measured_times_a_replica_loads_a_held_checkpoint_only_when_that_beats_waiting():
+    # need(): 40 bytes of weights; disk 100 B/s -> a 0.4 s load; 1 s per inference.
+    holder = timed(view("holder", used=40, queue=3, x=("device", 40)))  # waits 3 x 1 s = 3 s
+    room = timed(view("room", used=0, queue=2))  # 2 x 1 + 0.4 = 2.4 s < 3 s: kept
+    busy_room = timed(view("busy_room", used=0, queue=3))  # 3.4 s: left out
+    evicts = timed(view("evicts", used=90, a=("device", 90, 5.0)))  # 0 + (40 + 90) / 100 = 1.3 s: kept
+    views = [holder, room, busy_room, evicts]
+    ids = lambda order: [views[i].replica_id for i in order]  # noqa: E731
+    # Holder first (queue 3 < spill 4); the rest by rank and queue; busy_room is gated out.
+    assert ids(rank_indices(views, need())) == ["holder", "room", "evicts"]
+    # Whether or not the request has waited holder_wait_s: measured times decide.
+    assert ids(rank_indices(views, need(), evict_for_held=False)) == ["holder", "room", "evicts"]
+    # A longer queue at the holder (spilled: ranked after) lets busy_room in too.
+    assert ids(rank_indices(views, need(), queue_lens=[8, 2, 3, 0])) == ["room", "busy_room", "evicts", "holder"]
+    # An idle holder: nobody else loads it.
+    assert ids(rank_indices(views, need(), queue_lens=[0, 0, 0, 0])) == ["holder"]
+
+
+def test_the_holder_gate_counts_a_host_reload_and_falls_back_to_ranks_without_times():
+    # Held on host: 40 bytes at 10 B/s = 4 s reload plus 1 s of queue = 5 s.
+    on_host = timed(view("h", used=0, queue=1, x=("host", 40)), host_bps=10.0)
+    evicts = timed(view("e", used=90, queue=0, a=("device", 90, 5.0)))  # 1.3 s
+    views = [on_host, evicts]
+    assert [views[i].replica_id for i in rank_indices(views, need())] == ["h", "e"]
+    slow_disk = [on_host, timed(evicts, disk_bps=20.0)]  # (40 + 90) / 20 = 6.5 s > 5 s
+    assert [slow_disk[i].replica_id for i in rank_indices(slow_disk, need())] == ["h"]
+    # One side unmeasured (0): the rank rule and evict_for_held decide, as before.
+    untimed = [on_host, view("e", used=90, queue=0, a=("device", 90, 5.0))]
+    assert [untimed[i].replica_id for i in rank_indices(untimed, need(), evict_for_held=False)] == ["h"]
+    assert [untimed[i].replica_id for i in rank_indices(untimed, need())] == ["h", "e"]
+
+
+def test_service_times_follow_measurements_and_reject_nonsense():
+    from deployments.service_times import ServiceTimes
+
+    st = ServiceTimes(alpha=0.5)
+    assert st.report().inference_s == 0.0
+    st.inference(2.0)
+    st.inference(1.0)
+    st.load("disk", 1000, 2.0)  # 500 B/s
+    st.load("host", 1000, 0.0001)  # too short to time: skipped
+    rep = st.report()
+    assert (rep.inference_s, rep.inferences) == (1.5, 2)
+    assert (rep.disk_load_bytes_per_s, rep.disk_loads, rep.host_reload_bytes_per_s, rep.host_reloads) == (500.0, 1, 0.0, 0)
+    with pytest.raises(ValueError, match="tier must be 'disk' or 'host'"):
+        st.load("device", 1, 1.0)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        ServiceTimes(alpha=0.0)
+
+
+def test_view_from_report_reads_service_times():
+    from router.request_router import view_from_report
+
+    report = {"device_budget_bytes": 100, "device_used_bytes": 0, "default_dtype": F16, "entries": [],
+              "service_times": {"inference_s": 0.5, "disk_load_bytes_per_s": 2e9, "host_reload_bytes_per_s": 1e10}}
+    v = view_from_report("r", report, 0)
+    assert (v.inference_s, v.disk_load_bytes_per_s, v.host_reload_bytes_per_s) == (0.5, 2e9, 1e10)
+    old = view_from_report("r", {k: x for k, x in report.items() if k != "service_times"}, 0)
+    assert (old.inference_s, old.disk_load_bytes_per_s) == (0.0, 0.0)
