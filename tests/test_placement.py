@@ -180,19 +180,22 @@ def test_rank_matches_the_independent_reference_on_random_views():
             [p.replica_id for p in real]
 
 
-def test_views_reused_across_needs_rank_as_fresh_views_do():
-    """Each view remembers its score per need (placement.score_memo); a view that has seen
-    other needs, including the same checkpoint at other sizes, ranks like a fresh one."""
+@pytest.mark.parametrize("names, sizes", [(4, None), (12, 3)], ids=["few-names-many-sizes", "many-names-few-sizes"])
+def test_views_reused_across_needs_rank_as_fresh_views_do(names, sizes):
+    """Each view remembers its score per need (score_memo, for checkpoints it holds) and
+    per size (size_memo, for the rest); a view that has seen other needs, the same
+    checkpoint at other sizes or other checkpoints at the same sizes, ranks like a fresh one."""
     import random
 
     from bench import placement_fast as reference
 
     rng = random.Random(12)
+    size_pool = [(rng.randrange(5, 90), rng.randrange(0, 20)) for _ in range(sizes or 0)]
     for _ in range(20):
         views = random_views(rng, rng.randrange(2, 12))
         for _ in range(40):
-            # Few names, many sizes: the same checkpoint comes back at another resolution.
-            nd = need(f"c{rng.randrange(4)}", weights=rng.randrange(5, 90), workspace=rng.randrange(0, 20))
+            w, ws = rng.choice(size_pool) if size_pool else (rng.randrange(5, 90), rng.randrange(0, 20))
+            nd = need(f"c{rng.randrange(names)}", weights=w, workspace=ws)
             spill = rng.randrange(1, 6)
             queues = [rng.randrange(0, 6) for _ in views]
             fresh = [ReplicaView(v.replica_id, v.budget_bytes, v.used_bytes, v.default_dtype, v.entries, q,
@@ -201,7 +204,19 @@ def test_views_reused_across_needs_rank_as_fresh_views_do():
                                                                   spill_queue_len=spill)]
             got = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues)
             assert [views[i].replica_id for i in got] == expected
-    assert sum(len(v.score_memo) for v in views) > len(views)  # the memo was in use
+    assert sum(len(v.score_memo) + len(v.size_memo) for v in views) > len(views)  # the memos were in use
+
+
+def test_size_memo_answers_non_holders_by_size_and_holders_by_name():
+    from router.placement import _score
+
+    v = view("r", used=30, held=("device", 30))
+    a, b = need("a", 40, 10), need("b", 40, 10)
+    assert _score(v, a) is _score(v, b)  # neither held: one answer, computed once
+    assert _score(v, need("c", 40, 11)) is not _score(v, a)
+    held = _score(v, need("held", 40, 10))
+    assert held.rank == Rank.ON_DEVICE and _score(v, a).rank == Rank.FITS
+    assert len(v.size_memo) == 2 and len(v.score_memo) == 1
 
 
 def test_need_memo_key_tells_apart_needs_with_other_figures():
