@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Mapping, NamedTuple, Sequence
 
 
@@ -30,6 +29,21 @@ class Rank(enum.IntEnum):
     FITS = 2
     EVICT = 3
     BUSY = 4
+
+
+class _lazy:
+    """functools.cached_property without its lock: CPython 3.11 takes an RLock on every
+    first access, which doubled the cost of scoring a new view. A race computes the same
+    value twice (the views are immutable), which is harmless."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 
 @dataclass(frozen=True)
@@ -65,30 +79,24 @@ class ReplicaView:
     def free_bytes(self) -> int:
         return self.budget_bytes - self.used_bytes
 
-    @cached_property
+    @_lazy
     def resident_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.tier == "device")
 
-    @cached_property
+    @_lazy
     def victim_order(self) -> tuple[tuple[int, float, bool], ...]:
         """(bytes, idle_s, in use) of device entries in eviction order: idle before in use,
         most idle first (the cache's LRU order); ties keep report order."""
         dev = sorted((e for e in self.entries.values() if e.tier == "device"), key=lambda e: (e.in_use > 0, -e.idle_s))
         return tuple((e.bytes, e.idle_s, e.in_use > 0) for e in dev)
 
-    @cached_property
-    def score_memo(self) -> dict:
-        """Need.memo_key -> this view's queue-independent answer to a need for a checkpoint
-        it holds (a placement._Score, or None: never fits). Private to placement; per view,
-        never shared."""
-        return {}
-
-    @cached_property
-    def size_memo(self) -> dict:
-        """Need.size_key -> the placement._Score of a need for a checkpoint this view does
-        not hold: that answer depends on the sizes alone, which fine-tunes of one
-        architecture share."""
-        return {}
+    # Need.memo_key -> this view's queue-independent answer to a need for a checkpoint it
+    # holds (a placement._Score, or None: never fits); Need.size_key -> the answer to a need
+    # for a checkpoint it does not hold, which depends on the sizes alone (fine-tunes of
+    # one architecture share them). Private to placement; per view (dataclasses.replace
+    # starts them empty), never shared.
+    score_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    size_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -107,13 +115,13 @@ class Need:
             raise ValueError(f"need for {self.checkpoint!r} has no estimate at dtype {dtype!r}; "
                              f"have {sorted(self.weights_bytes)}") from None
 
-    @cached_property
+    @_lazy
     def memo_key(self) -> str:
         """This need's figures at every dtype as one string: equal needs give equal keys, and
         a str caches its hash, so one decision's lookups in every view's memo hash it once."""
         return repr((self.checkpoint, sorted(self.weights_bytes.items()), sorted(self.workspace_bytes.items())))
 
-    @cached_property
+    @_lazy
     def size_key(self) -> str:
         """:attr:`memo_key` without the checkpoint name."""
         return repr((sorted(self.weights_bytes.items()), sorted(self.workspace_bytes.items())))
