@@ -81,14 +81,17 @@ class ReplicaView:
 
     @_lazy
     def resident_count(self) -> int:
-        return sum(1 for e in self.entries.values() if e.tier == "device")
+        return len(self.victim_order)
 
     @_lazy
     def victim_order(self) -> tuple[tuple[int, float, bool], ...]:
         """(bytes, idle_s, in use) of device entries in eviction order: idle before in use,
         most idle first (the cache's LRU order); ties keep report order."""
-        dev = sorted((e for e in self.entries.values() if e.tier == "device"), key=lambda e: (e.in_use > 0, -e.idle_s))
-        return tuple((e.bytes, e.idle_s, e.in_use > 0) for e in dev)
+        # Lists and a sort in place: a new view is scored once per report and distinct
+        # size, so this is on the path of every decision that follows a report.
+        dev = [(e.in_use > 0, -e.idle_s, i, e) for i, e in enumerate(self.entries.values()) if e.tier == "device"]
+        dev.sort()
+        return tuple([(e.bytes, e.idle_s, busy) for busy, _, _, e in dev])
 
     # Need.memo_key -> this view's queue-independent answer to a need for a checkpoint it
     # holds (a placement._Score, or None: never fits); Need.size_key -> the answer to a need
@@ -169,6 +172,8 @@ def _ordered_u64(x: float) -> int:
     (b,) = _UINT64.unpack(_DOUBLE.pack(x))
     return (b ^ _U64) if b >> 63 else (b | (1 << 63))
 
+
+_new_tuple = tuple.__new__  # a NamedTuple's own __new__ is a Python function: slower
 
 # The common case, nothing to evict, needs no float-to-int image.
 _BASE_NO_EVICTION = tuple((((r << 64) << 64) | _ordered_u64(0.0)) << 64 for r in range(len(Rank)))
@@ -267,8 +272,8 @@ def _new_score(view: ReplicaView, need: Need) -> _Score | None:
         assert 0 <= evicted <= _U64, f"evict bytes {evicted} out of range: this is a bug"
         base = (_BASE_NO_EVICTION[rank_] if not evicted and not neg_idle_s
                 else ((((int(rank_) << 64) | evicted) << 64) | _ordered_u64(neg_idle_s)) << 64)
-        s = _Score(base, int(rank_), evicted, neg_idle_s,
-                   _fixed_s(view, need.checkpoint, rank_, weights, evicted))
+        s = _new_tuple(_Score, (base, int(rank_), evicted, neg_idle_s,
+                                _fixed_s(view, need.checkpoint, rank_, weights, evicted)))
     return s
 
 
