@@ -402,7 +402,3 @@ def _gate(keys: list[int], scores: list[_Score], views: Sequence[ReplicaView], q
             if queue_lens[i] * views[i].inference_s + fixed_s < best_wait_s:
                 add(k)
     return kept
-
-
-def largest_budget(views: Sequence[ReplicaView]) -> int:
-    return max((v.budget_bytes for v in views), default=0)
