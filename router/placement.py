@@ -332,11 +332,10 @@ def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
 def rank(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4) -> list[Placement]:
     """All replicas that could ever serve ``need``, best first. Empty: fits none of them."""
     views = list(views)
-    keys, _, queue_lens = _scored(views, need, spill_queue_len, None)
+    keys, scores, queue_lens = _scored(views, need, spill_queue_len, None)
     out = []
-    for k in sorted(keys):
+    for k, s in sorted(zip(keys, scores)):  # keys are unique (they end in the view index)
         i = k & _FIELD_MASK
-        s = _score(views[i], need)
         q = queue_lens[i]
         out.append(Placement(views[i].replica_id, Rank(s.rank), s.evict_bytes, -s.neg_idle_s, q, q >= spill_queue_len))
     return out

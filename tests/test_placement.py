@@ -232,6 +232,8 @@ def test_queue_lens_override_the_views_queue():
     assert [views[i].replica_id for i in rank_indices(views, need(), queue_lens=[0, 1])] == ["a", "b"]
     with pytest.raises(ValueError, match="queue_lens has 1 entries for 2 views"):
         rank_indices(views, need(), queue_lens=[0])
+    with pytest.raises(ValueError, match=r"queue lengths must be in \[0, 4294967295\], got -1\.\.0"):
+        rank_indices(views, need(), queue_lens=[-1, 0])  # would break the packed sort key
 
 
 def test_ledger_version_changes_only_with_that_replicas_placements():
