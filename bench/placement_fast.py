@@ -1,14 +1,14 @@
 """Reference implementation of router.placement.rank, written independently (not used by the router).
 
 A proposal with numbers (see bench/placement_speed.py --experiment), written against the
-place_one semantics of router/placement.py at the time of writing. ``check_equal`` compares
+the ranking semantics of router/placement.py (_static) at the time of writing. ``check_equal`` compares
 its output with the real rank on the same inputs, so a divergence (e.g. after placement.py
 changes) shows up as mismatches in the results instead of silently wrong timings.
 
 What it changes, all per-view work moved out of the per-decision loop:
 1. ``prepare(view)`` once per report / ledger / queue change (not per decision): the device
    entry count and the victim order (unpinned most-idle first, pinned last) do not depend on
-   the request. (When place_one reaches its eviction loop the requested checkpoint is not on
+   the request. (When _static reaches its eviction loop the requested checkpoint is not on
    the device, so excluding it from the victims never removes anything.)
 2. Need.at(dtype) once per dtype per decision instead of once per replica.
 3. Sort plain key tuples; build Placement objects (frozen dataclass __init__ costs ~1 us
@@ -39,7 +39,7 @@ class Prepared:
         self.max_resident = view.max_resident
         dev = [e for e in view.entries.values() if e.tier == "device"]
         self.resident = len(dev)
-        # Same order as place_one's sort: unpinned before pinned, most idle first, stable.
+        # Same order as _static's victim order: unpinned before pinned, most idle first, stable.
         self.victims = tuple((e.bytes, e.idle_s, e.in_use > 0)
                              for e in sorted(dev, key=lambda e: (e.in_use > 0, -e.idle_s)))
 
@@ -117,7 +117,7 @@ class VectorRanker:
     """rank() over arrays: per-replica rows updated when a view changes, one numpy pass per need.
 
     Same result as router.placement.rank (``check_equal``). Row layout per replica i:
-    free, budget, resident, max_resident, queue; prefix sums over its victims (in place_one's
+    free, budget, resident, max_resident, queue; prefix sums over its victims (in _static's
     order) of bytes, idle seconds and "a pinned entry was taken"; and an inverted index
     checkpoint -> (replica, tier, bytes) for the entries in its view.
     """
@@ -185,7 +185,7 @@ class VectorRanker:
         row_p[:] = False
         if k:
             row_b[1:k + 1] = np.cumsum([e.bytes for e in vict])
-            # Sequential sums, as place_one adds idle seconds one victim at a time.
+            # Sequential sums, as _static adds idle seconds one victim at a time.
             acc, idle = 0.0, []
             for e in vict:
                 acc += e.idle_s

@@ -75,13 +75,14 @@ class ReplicaView:
     disk_load_bytes_per_s: float = 0.0
     host_reload_bytes_per_s: float = 0.0
 
-    @property
-    def free_bytes(self) -> int:
-        return self.budget_bytes - self.used_bytes
-
     @_lazy
     def resident_count(self) -> int:
-        return len(self.victim_order)
+        # Not len(victim_order): most answers need only the count, and the order costs a sort.
+        n = 0
+        for e in self.entries.values():
+            if e.tier == "device":
+                n += 1
+        return n
 
     @_lazy
     def victim_order(self) -> tuple[tuple[int, float, bool], ...]:
@@ -139,10 +140,6 @@ class Placement:
     queue_len: int
     spilled: bool
 
-    def key(self) -> tuple:
-        # Most idle victims are cheapest to lose, hence the negative idle time.
-        return (self.spilled, self.rank, self.evict_bytes, -self.victims_idle_s, self.queue_len)
-
 
 _MISS = object()
 _MEMO_MAX = 4096  # distinct needs remembered per view; a view lives about one report period
@@ -196,7 +193,13 @@ class _Score(NamedTuple):
 
 def _static(view: ReplicaView, checkpoint: str, weights: int, workspace: int) -> tuple | None:
     """The part of a replica's sort key that does not move with its queue: (rank, evict
-    bytes, -victims idle s); None when the need can never fit the budget."""
+    bytes, -victims idle s); None when the need can never fit the budget.
+
+    Resident on the device ranks first whatever the free bytes: the replica runs one
+    pipeline at a time and finds workspace room at acquire time, and ``in_use`` in a
+    report is stale by up to a period. Otherwise idle entries are evicted most idle first
+    (the cache's LRU order); needing entries that are in use ranks BUSY (wait, then evict).
+    """
     entry = view.entries.get(checkpoint)
     if entry is not None and entry.tier == "device":
         if entry.bytes + workspace > view.budget_bytes:
@@ -276,21 +279,6 @@ def _new_score(view: ReplicaView, need: Need) -> _Score | None:
         s = _new_tuple(_Score, (base, int(rank_), evicted, neg_idle_s,
                                 _fixed_s(view, need.checkpoint, rank_, weights, evicted)))
     return s
-
-
-def place_one(view: ReplicaView, need: Need, *, spill_queue_len: int) -> Placement | None:
-    """Score one replica; None when the need can never fit its budget.
-
-    Resident on the device ranks first whatever the free bytes: the replica runs one
-    pipeline at a time and finds workspace room at acquire time, and ``in_use`` in a
-    report is stale by up to a period. Otherwise idle entries are evicted most idle first
-    (the cache's LRU order); needing entries that are in use ranks BUSY (wait, then evict).
-    """
-    s = _score(view, need)
-    if s is None:
-        return None
-    return Placement(view.replica_id, Rank(s.rank), s.evict_bytes, -s.neg_idle_s, view.queue_len,
-                     view.queue_len >= spill_queue_len)
 
 
 def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
