@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import collections
 import io
+import itertools
 import logging
 import os
 import threading
@@ -92,6 +93,10 @@ class ModelReplica:
             self._backend,
         )
         self._estimator = Estimator()
+        # Numbers this replica's reports: Ray hands the request router a new copy of every
+        # replica's stats on each broadcast, and a broadcast follows any one replica's
+        # report, so the router tells a new report from a copy of the last one by this.
+        self._report_seq = itertools.count(1)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (component tests)
@@ -250,6 +255,7 @@ class ModelReplica:
             "leaked_modules": rep.leaked_modules,
             "cuda": cuda,
             "timestamp_s": time.time(),
+            "report_seq": next(self._report_seq),
         }
 
     def record_routing_stats(self) -> dict[str, Any]:

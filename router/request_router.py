@@ -60,10 +60,13 @@ class MemoryAwareRequestRouter(RequestRouter):
         self._holder_wait_s = float(holder_wait_s)
         self._ledger = Ledger()
         self._deployment = self._deployment_id.name
-        # replica id -> (routing stats object, ledger version, overlaid view): a view is
-        # rebuilt only when its report or this router's placements on it change, not per
-        # decision (Ray replaces the stats dict when a new report arrives).
-        self._views: dict[str, tuple[dict[str, Any], int, ReplicaView]] = {}
+        # replica id -> (routing stats object, ledger version, overlaid view, report_seq): a
+        # view is rebuilt only when its report or this router's placements on it change,
+        # not per decision. Ray gives every replica a new stats dict on each broadcast, so
+        # a dict that is not the cached one but carries the same report_seq is the same
+        # report (measured: 4 replicas reporting every 1 s gave 13 new dicts/s for 3.25
+        # new reports/s).
+        self._views: dict[str, tuple[dict[str, Any], int, ReplicaView, Any]] = {}
 
     # ---- Ray hooks ---------------------------------------------------------------------------
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -139,9 +142,15 @@ class MemoryAwareRequestRouter(RequestRouter):
             cached = cache.get(rid)
             if cached is not None and cached[0] is stats and cached[1] == v:
                 view = cached[2]
+            elif cached is not None and cached[1] == v and cached[3] is not None and \
+                    cached[3] == stats.get("report_seq"):
+                # The same report in a new dict: Ray replaces every replica's stats on each
+                # broadcast, and one replica's report is enough to cause one.
+                view = cached[2]
+                cache[rid] = (stats, v, view, cached[3])
             else:
                 view = self._ledger.overlay(view_from_report(rid, stats, 0))
-                cache[rid] = (stats, v, view)
+                cache[rid] = (stats, v, view, stats.get("report_seq"))
             views.append(view)
             queues.append(queue_lens.get(replica_id) or 0)
             reported.append(r)

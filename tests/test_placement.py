@@ -408,3 +408,33 @@ def test_view_from_report_reads_service_times():
     assert (v.inference_s, v.disk_load_bytes_per_s, v.host_reload_bytes_per_s) == (0.5, 2e9, 1e10)
     old = view_from_report("r", {k: x for k, x in report.items() if k != "service_times"}, 0)
     assert (old.inference_s, old.disk_load_bytes_per_s) == (0.0, 0.0)
+
+
+def test_rank_for_keeps_a_view_when_a_broadcast_brings_the_same_report_in_a_new_dict():
+    """Ray gives every replica a new stats dict on each broadcast (after any one replica's
+    report): a copy with the same report_seq keeps its view; a new seq, or no seq, rebuilds."""
+    import copy
+
+    a = _FakeRunningReplica("a", dict(_report(100, [("big", "device", 90)]), report_seq=7))
+    router = _router([a])
+    router.rank_for([a], need("x"))
+    first = router._views["a"][2]
+    a.routing_stats = copy.deepcopy(a.routing_stats)  # the broadcast's copy of the same report
+    router.rank_for([a], need("x"))
+    assert router._views["a"][2] is first
+    assert router._views["a"][0] is a.routing_stats  # the copy is now the identity fast path
+    a.routing_stats = dict(copy.deepcopy(a.routing_stats), report_seq=8)  # a new report
+    router.rank_for([a], need("x"))
+    second = router._views["a"][2]
+    assert second is not first
+    router._ledger.routed("q1", "a", "y", weights_bytes=5, now_s=1.0)  # same report, new placement
+    a.routing_stats = copy.deepcopy(a.routing_stats)
+    router.rank_for([a], need("x"))
+    assert router._views["a"][2] is not second and "y" in router._views["a"][2].entries
+    b = _FakeRunningReplica("b", _report(100))  # a report without report_seq
+    router._replica_queue_len_cache[b.replica_id] = 0
+    router.rank_for([b], need("x"))
+    unnumbered = router._views["b"][2]
+    b.routing_stats = copy.deepcopy(b.routing_stats)
+    router.rank_for([b], need("x"))
+    assert router._views["b"][2] is not unnumbered  # cannot tell it is the same report: rebuilt

@@ -304,6 +304,8 @@ def test_replica_answers_503_after_a_second_out_of_memory_error_and_serves_the_n
     rep = replica.memory_report()
     assert rep["counters"]["oom_recoveries"] == 2 and rep["in_flight"] == 0
     assert rep["workspace_in_flight_bytes"] == 0 and rep["leaked_modules"] == 0
+    # Each report is numbered: the request router tells a new report from Ray's copy of the last.
+    assert replica.memory_report()["report_seq"] == rep["report_seq"] + 1
     assert replica._generate_sync(_request("demo-xs", seed=1))["status"] == 200
 
 

@@ -22,7 +22,10 @@ report reflects, and per decision every replica's view is
 ranked replica with queue room. The simulator keeps one Ledger per replica (every Ledger
 method filters by replica id, so this is the same state as one shared Ledger) and reuses a
 replica's overlaid view until its report, queue length or ledger changes: the views
-``rank`` sees are exactly those the router would build.
+``rank`` sees are exactly those the router would build. (A view is rebuilt once per new
+report of its replica, as rank_for does since reports carry ``report_seq``; before that,
+Ray's broadcast after any one replica's report made rank_for rebuild every replica's view.)
+Building the views from reports and the ledger is timed as view upkeep.
 
 Policy b models Ray Serve model multiplexing (ray/serve/_private/request_router): replicas
 holding the model, else those with the fewest models, else any; power-of-two least-queue
@@ -225,7 +228,9 @@ class Simulation:
                 stats = dict(src, timestamp_s=now, entries=[
                     e if e["in_use"] else dict(e, idle_s=round(e["idle_s"] + dt, 3)) for e in src["entries"]])
                 self.aged_reports += 1
+            t0 = time.perf_counter_ns()  # the router builds this view from the report too: view upkeep
             r.base_view = self._view_from_report(r.spec.replica_id, stats, 0)
+            self.view_ns += time.perf_counter_ns() - t0
             r.ledger.report_arrived(r.spec.replica_id, now)
             r.dirty = True
 
