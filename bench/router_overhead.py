@@ -76,7 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--checkpoint", default="demo-xs")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for the cluster's workers (Serve controller, proxy, replicas), "
+                         "not this driver; repeatable, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     args = ap.parse_args(argv)
+    serve_env = {}
+    for kv in args.serve_env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            ap.error(f"--serve-env wants KEY=VALUE, got {kv!r}")
+        serve_env[key] = value
 
     import httpx
     import ray
@@ -106,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work_us = router_work_us(entries, body)
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": serve_env} if serve_env else None)
     samples: dict[str, list[float]] = {p: [] for p in PATHS}
     served: dict[str, dict[str, int]] = {p: {} for p in PATHS}
     try:
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     info = extra_machine_info()
     doc = {"benchmark": "router overhead (issue 6, section 4)",
            "command": "python -m bench.router_overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "machine": info, "request": body, "rounds": args.requests, "warmup_rounds": args.warmup,
+           "machine": info, "serve_env": serve_env, "request": body, "rounds": args.requests, "warmup_rounds": args.warmup,
            "stats": stats, "added": added, "router_python_work_in_process": work_us, "target": {"added_p50_ms_max": target_ms, "met": met},
            "samples_ms": samples}
     out = Path(args.out)
