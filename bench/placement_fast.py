@@ -39,8 +39,9 @@ class Prepared:
         self.max_resident = view.max_resident
         dev = [e for e in view.entries.values() if e.tier == "device"]
         self.resident = len(dev)
-        # Same order as _static's victim order: unpinned before pinned, most idle first, stable.
-        self.victims = tuple((e.bytes, e.idle_s, e.in_use > 0)
+        # Same order as _static's victim order: unpinned before pinned, most idle first, stable;
+        # each victim's last-use time on the report's clock.
+        self.victims = tuple((e.bytes, view.reported_at_s - e.idle_s, e.in_use > 0)
                              for e in sorted(dev, key=lambda e: (e.in_use > 0, -e.idle_s)))
 
 
@@ -63,7 +64,7 @@ def _keys(prepared: Sequence[Prepared], need: Need, spill_queue_len: int) -> lis
         if entry is not None:
             if entry.tier == "device":
                 if entry.bytes + workspace <= p.budget:
-                    append((spilled, 0, 0, -0.0, p.queue, i, 0.0))
+                    append((spilled, 0, 0, 0.0, p.queue, i, 0.0))
                 continue
             if entry.tier == "host":
                 rank_, required = 1, entry.bytes + workspace
@@ -75,21 +76,23 @@ def _keys(prepared: Sequence[Prepared], need: Need, spill_queue_len: int) -> lis
             continue
         free, resident, max_res = p.free, p.resident, p.max_resident
         if free >= required and resident < max_res:
-            append((spilled, rank_, 0, -0.0, p.queue, i, 0.0))
+            append((spilled, rank_, 0, 0.0, p.queue, i, 0.0))
             continue
-        evicted, idle_sum, busy = 0, 0.0, False
-        for nbytes, idle, pinned in p.victims:
+        evicted, used_sum, n, busy = 0, 0.0, 0, False
+        for nbytes, last_used, pinned in p.victims:
             if free >= required and resident < max_res:
                 break
             free += nbytes
             evicted += nbytes
-            idle_sum += idle
+            used_sum += last_used
+            n += 1
             resident -= 1
             busy = busy or pinned
+        mean_used = used_sum / n if n else 0.0  # victims used longest ago first
         if busy or not (free >= required and resident < max_res):
-            append((spilled, 4, evicted, -idle_sum, p.queue, i, idle_sum))
+            append((spilled, 4, evicted, mean_used, p.queue, i, mean_used))
         else:
-            append((spilled, 1 if rank_ == 1 else 3, evicted, -idle_sum, p.queue, i, idle_sum))
+            append((spilled, 1 if rank_ == 1 else 3, evicted, mean_used, p.queue, i, mean_used))
     out.sort()  # the index i makes the sort stable in view order, as sorted() is in rank()
     return out
 
@@ -98,8 +101,8 @@ def rank_fast(prepared: Sequence[Prepared], need: Need, *, spill_queue_len: int 
     """Same result as router.placement.rank(views, need) for prepared = map(prepare, views)."""
     if spill_queue_len < 1:
         raise ValueError(f"spill_queue_len must be >= 1, got {spill_queue_len}")
-    return [Placement(prepared[i].rid, _RANKS[r], ev, idle, q, sp)
-            for sp, r, ev, _neg, q, i, idle in _keys(prepared, need, spill_queue_len)]
+    return [Placement(prepared[i].rid, _RANKS[r], ev, used, q, sp)
+            for sp, r, ev, _key, q, i, used in _keys(prepared, need, spill_queue_len)]
 
 
 def rank_ids(prepared: Sequence[Prepared], need: Need, *, spill_queue_len: int = 4) -> list[str]:
@@ -108,8 +111,8 @@ def rank_ids(prepared: Sequence[Prepared], need: Need, *, spill_queue_len: int =
 
 
 def check_equal(real: list[Placement], fast: list[Placement]) -> bool:
-    return [(p.replica_id, p.rank, p.evict_bytes, p.victims_idle_s, p.queue_len, p.spilled) for p in real] == \
-        [(p.replica_id, p.rank, p.evict_bytes, p.victims_idle_s, p.queue_len, p.spilled) for p in fast]
+    return [(p.replica_id, p.rank, p.evict_bytes, p.victims_last_used_s, p.queue_len, p.spilled) for p in real] == \
+        [(p.replica_id, p.rank, p.evict_bytes, p.victims_last_used_s, p.queue_len, p.spilled) for p in fast]
 
 
 # ---- vectorized variant (numpy) -------------------------------------------------------------
@@ -118,7 +121,7 @@ class VectorRanker:
 
     Same result as router.placement.rank (``check_equal``). Row layout per replica i:
     free, budget, resident, max_resident, queue; prefix sums over its victims (in _static's
-    order) of bytes, idle seconds and "a pinned entry was taken"; and an inverted index
+    order) of bytes, last-use times and "a pinned entry was taken"; and an inverted index
     checkpoint -> (replica, tier, bytes) for the entries in its view.
     """
 
@@ -141,7 +144,7 @@ class VectorRanker:
         self.dtype_idx = np.zeros(n, np.intp)
         self.nvict = np.zeros(n, i64)
         self.cum_bytes = np.zeros((n, vmax + 1), i64)
-        self.cum_idle = np.zeros((n, vmax + 1), np.float64)
+        self.cum_used = np.zeros((n, vmax + 1), np.float64)
         self.cum_pinned = np.zeros((n, vmax + 1), bool)
         self.steps = np.arange(vmax + 1, dtype=i64)
         self.order = np.arange(n, dtype=i64)
@@ -155,7 +158,7 @@ class VectorRanker:
         np = self.np
         pad = vmax - self.vmax
         self.cum_bytes = np.concatenate([self.cum_bytes, np.repeat(self.cum_bytes[:, -1:], pad, axis=1)], axis=1)
-        self.cum_idle = np.concatenate([self.cum_idle, np.repeat(self.cum_idle[:, -1:], pad, axis=1)], axis=1)
+        self.cum_used = np.concatenate([self.cum_used, np.repeat(self.cum_used[:, -1:], pad, axis=1)], axis=1)
         self.cum_pinned = np.concatenate([self.cum_pinned, np.repeat(self.cum_pinned[:, -1:], pad, axis=1)], axis=1)
         self.vmax = vmax
         self.steps = np.arange(vmax + 1, dtype=np.int64)
@@ -179,18 +182,18 @@ class VectorRanker:
         vict = sorted(dev, key=lambda e: (e.in_use > 0, -e.idle_s))
         k = len(vict)
         self.nvict[i] = k
-        row_b, row_i, row_p = self.cum_bytes[i], self.cum_idle[i], self.cum_pinned[i]
+        row_b, row_i, row_p = self.cum_bytes[i], self.cum_used[i], self.cum_pinned[i]
         row_b[:] = 0
         row_i[:] = 0.0
         row_p[:] = False
         if k:
             row_b[1:k + 1] = np.cumsum([e.bytes for e in vict])
-            # Sequential sums, as _static adds idle seconds one victim at a time.
-            acc, idle = 0.0, []
+            # Sequential sums, as _static adds last-use times one victim at a time.
+            acc, used = 0.0, []
             for e in vict:
-                acc += e.idle_s
-                idle.append(acc)
-            row_i[1:k + 1] = idle
+                acc += v.reported_at_s - e.idle_s
+                used.append(acc)
+            row_i[1:k + 1] = used
             row_p[1:k + 1] = np.cumsum([e.in_use > 0 for e in vict]) > 0
             row_b[k + 1:] = row_b[k]
             row_i[k + 1:] = row_i[k]
@@ -226,15 +229,15 @@ class VectorRanker:
         k = np.where(found, ok.argmax(axis=1), self.nvict)
         rows = self.order
         evicted = self.cum_bytes[rows, k]
-        idle = self.cum_idle[rows, k]
+        used = self.cum_used[rows, k] / np.maximum(k, 1)  # victims' mean last use (0.0: none)
         busy = self.cum_pinned[rows, k] | ~found
         final = np.where(busy, 4, np.where(k == 0, rank_, np.where(rank_ == 1, 1, 3)))
         for i in on_device:
             ok_dev = self.by_name[need.checkpoint][i][1] + ws[i] <= self.budget[i]
             eligible[i] = ok_dev
-            final[i], evicted[i], idle[i] = 0, 0, 0.0
+            final[i], evicted[i], used[i] = 0, 0, 0.0
         spilled = self.queue >= spill_queue_len
         sel = np.flatnonzero(eligible)
-        order = np.lexsort((sel, self.queue[sel], -idle[sel], evicted[sel], final[sel], spilled[sel]))
+        order = np.lexsort((sel, self.queue[sel], used[sel], evicted[sel], final[sel], spilled[sel]))
         rids = self.rids
         return [rids[j] for j in sel[order].tolist()]

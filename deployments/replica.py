@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import collections
 import io
-import itertools
 import logging
 import os
 import threading
@@ -93,10 +92,13 @@ class ModelReplica:
             self._backend,
         )
         self._estimator = Estimator()
-        # Numbers this replica's reports: Ray hands the request router a new copy of every
-        # replica's stats on each broadcast, and a broadcast follows any one replica's
-        # report, so the router tells a new report from a copy of the last one by this.
-        self._report_seq = itertools.count(1)
+        # report_seq: advances only when something the request router reads changes, time
+        # aside (_routing_fingerprint). Ray hands the router a new copy of every replica's
+        # stats on each broadcast, and an unchanged replica reports every period; by this the
+        # router keeps a view (and its scores) until the replica really changed.
+        self._report_seq = 0
+        self._report_fingerprint: str | None = None
+        self._report_lock = threading.Lock()
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (component tests)
@@ -231,7 +233,7 @@ class ModelReplica:
         """The replica report (JSON-serializable); see DESIGN.md."""
         rep = self.cache.report()
         cuda = pipelines.cuda_memory_bytes()
-        return {
+        report = {
             "replica_id": self.replica_id,
             "profile": self.profile.name,
             "device": self.device,
@@ -255,8 +257,14 @@ class ModelReplica:
             "leaked_modules": rep.leaked_modules,
             "cuda": cuda,
             "timestamp_s": time.time(),
-            "report_seq": next(self._report_seq),
         }
+        fingerprint = _routing_fingerprint(report)
+        with self._report_lock:  # Serve's stats call and admin report() may overlap
+            if fingerprint != self._report_fingerprint:
+                self._report_seq += 1
+                self._report_fingerprint = fingerprint
+            report["report_seq"] = self._report_seq
+        return report
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Called by Serve every ``request_routing_stats_period_s``; feeds the request router."""
@@ -355,3 +363,18 @@ class _FaultyBackend(TorchBackend):
             raise torch.OutOfMemoryError(f"injected out-of-memory error at load of {name!r} (test seam)")
         finally:
             self.faults.end(token)
+
+
+# Report fields that change without the replica's state changing: the report's own time and
+# the driver's view of device memory (other processes move it). Entries' idle_s also grows
+# with time alone; the router reads it as a last-use time (timestamp_s - idle_s), which
+# does not.
+_UNROUTED_FIELDS = frozenset({"timestamp_s", "cuda", "report_seq"})
+
+
+def _routing_fingerprint(report: dict[str, Any]) -> str:
+    """The report as the request router sees it, less what moves with time alone: equal
+    fingerprints give views that rank alike (router.placement.ReplicaView.reported_at_s)."""
+    fields = sorted((k, v) for k, v in report.items() if k not in _UNROUTED_FIELDS and k != "entries")
+    entries = [sorted((k, v) for k, v in e.items() if k != "idle_s") for e in report["entries"]]
+    return repr((fields, entries))

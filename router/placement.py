@@ -7,7 +7,8 @@ Ranking (lower is better), per the design:
   1. the checkpoint is resident on the replica's device,
   2. resident in the replica's host RAM,
   3. fits in the replica's free device budget,
-  4. fits after evicting idle entries: fewest bytes evicted, then the most idle victims,
+  4. fits after evicting idle entries: fewest bytes evicted, then the victims used
+     longest ago (the earliest mean last-use time),
   5. needs entries that are in use right now evicted: it waits for them, then evicts,
   6. can never fit (bigger than the replica's budget) -- not returned.
 Queue length breaks ties. A replica whose queue is at or above ``spill_queue_len`` is
@@ -74,6 +75,13 @@ class ReplicaView:
     inference_s: float = 0.0
     disk_load_bytes_per_s: float = 0.0
     host_reload_bytes_per_s: float = 0.0
+    # The report's own clock (its timestamp_s): an entry was last used at reported_at_s -
+    # idle_s. Victims are compared by that time, not by idle_s: reports arrive at different
+    # times, and a last-use time stays true as time passes, so a view built from an older
+    # report of an unchanged replica ranks as one built from its newest (request_router
+    # keeps such views). Caveat: an entry in use reports idle 0 (in use now), so in a kept
+    # view its last use is the older report's time; it only orders BUSY replicas.
+    reported_at_s: float = 0.0
 
     @_lazy
     def resident_count(self) -> int:
@@ -86,13 +94,14 @@ class ReplicaView:
 
     @_lazy
     def victim_order(self) -> tuple[tuple[int, float, bool], ...]:
-        """(bytes, idle_s, in use) of device entries in eviction order: idle before in use,
-        most idle first (the cache's LRU order); ties keep report order."""
+        """(bytes, last-use time s, in use) of device entries in eviction order: idle before
+        in use, most idle first (the cache's LRU order); ties keep report order."""
         # Lists and a sort in place: a new view is scored once per report and distinct
         # size, so this is on the path of every decision that follows a report.
         dev = [(e.in_use > 0, -e.idle_s, i, e) for i, e in enumerate(self.entries.values()) if e.tier == "device"]
         dev.sort()
-        return tuple([(e.bytes, e.idle_s, busy) for busy, _, _, e in dev])
+        at = self.reported_at_s
+        return tuple([(e.bytes, at - e.idle_s, busy) for busy, _, _, e in dev])
 
     # Need.memo_key -> this view's queue-independent answer to a need for a checkpoint it
     # holds (a placement._Score, or None: never fits); Need.size_key -> the answer to a need
@@ -136,7 +145,7 @@ class Placement:
     replica_id: str
     rank: Rank
     evict_bytes: int
-    victims_idle_s: float
+    victims_last_used_s: float  # mean last-use time of the victims, on the report's clock (0.0: none)
     queue_len: int
     spilled: bool
 
@@ -147,11 +156,11 @@ _MEMO_MAX = 4096  # distinct needs remembered per view; a view lives about one r
 # A decision sorts one int per replica instead of nested tuples: at 256 replicas the sort
 # took about 150 us with tuples and about 20 us with ints (CPython 3.11, bench machine).
 # The int orders exactly as the tuple
-# (spilled, rank, evict bytes, -victims idle s, queue length, view index) would:
+# (spilled, rank, evict bytes, victims' mean last-use s, queue length, view index) would:
 #   bit 256          spilled (queue at or above spill_queue_len)
 #   bits 192..194    rank
 #   bits 128..191    evict bytes
-#   bits 64..127     -victims idle s, as an ordered 64-bit image of the float
+#   bits 64..127     victims' mean last-use s, as an ordered 64-bit image of the float
 #   bits 32..63      queue length
 #   bits 0..31       index into the views
 _FIELD_BITS = 32
@@ -181,10 +190,10 @@ class _Score(NamedTuple):
     """One view's answer to one need, remembered in its score_memo (a tuple: cheap to
     build on the misses that follow every new report)."""
 
-    base: int  # the sort key's static fields (rank, evict bytes, -idle), shifted in place
+    base: int  # the sort key's static fields (rank, evict bytes, victims' last use), shifted in place
     rank: int  # a Rank as a plain int: enum members are slow to compare in the hot loops
     evict_bytes: int
-    neg_idle_s: float
+    last_used_s: float  # victims' mean last-use time; 0.0 without victims
     # Seconds this replica adds before it could start the request, besides its queue:
     # a holder's host reload (0.0 on the device), a non-holder's disk load of the weights
     # and of what it evicts. None: the replica has not measured its times yet.
@@ -193,18 +202,22 @@ class _Score(NamedTuple):
 
 def _static(view: ReplicaView, checkpoint: str, weights: int, workspace: int) -> tuple | None:
     """The part of a replica's sort key that does not move with its queue: (rank, evict
-    bytes, -victims idle s); None when the need can never fit the budget.
+    bytes, victims' mean last-use s); None when the need can never fit the budget.
 
     Resident on the device ranks first whatever the free bytes: the replica runs one
     pipeline at a time and finds workspace room at acquire time, and ``in_use`` in a
     report is stale by up to a period. Otherwise idle entries are evicted most idle first
     (the cache's LRU order); needing entries that are in use ranks BUSY (wait, then evict).
+    Between replicas that evict the same bytes, the one whose victims were used longest
+    ago on average goes first: a mean of last-use times orders the same at every instant
+    (a sum of idle times would not, for different victim counts), so it does not depend on
+    when each report was made.
     """
     entry = view.entries.get(checkpoint)
     if entry is not None and entry.tier == "device":
         if entry.bytes + workspace > view.budget_bytes:
             return None
-        return (Rank.ON_DEVICE, 0, -0.0)
+        return (Rank.ON_DEVICE, 0, 0.0)
     if entry is not None and entry.tier == "host":
         rank_, required = Rank.ON_HOST, entry.bytes + workspace
     else:
@@ -214,22 +227,24 @@ def _static(view: ReplicaView, checkpoint: str, weights: int, workspace: int) ->
         return None
     free, resident, max_resident = budget - view.used_bytes, view.resident_count, view.max_resident
     if free >= required and resident < max_resident:
-        return (rank_, 0, -0.0)
+        return (rank_, 0, 0.0)
     # The requested checkpoint is not on this device here, so every device entry is a
     # candidate victim.
-    evicted, idle_sum, busy = 0, 0.0, False
-    for nbytes, idle_s, in_use in view.victim_order:
+    evicted, used_sum, victims, busy = 0, 0.0, 0, False
+    for nbytes, last_used_s, in_use in view.victim_order:
         if free >= required and resident < max_resident:
             break
         free += nbytes
         evicted += nbytes
-        idle_sum += idle_s
+        used_sum += last_used_s
+        victims += 1
         resident -= 1
         busy = busy or in_use
+    mean_used_s = used_sum / victims if victims else 0.0
     if busy or not (free >= required and resident < max_resident):
-        return (Rank.BUSY, evicted, -idle_sum)
+        return (Rank.BUSY, evicted, mean_used_s)
     # Reloading from host keeps its rank: it is cheaper than any disk load, even with evictions.
-    return (rank_ if rank_ is Rank.ON_HOST else Rank.EVICT, evicted, -idle_sum)
+    return (rank_ if rank_ is Rank.ON_HOST else Rank.EVICT, evicted, mean_used_s)
 
 
 def _fixed_s(view: ReplicaView, checkpoint: str, rank_: Rank, weights: int, evicted: int) -> float | None:
@@ -272,11 +287,11 @@ def _new_score(view: ReplicaView, need: Need) -> _Score | None:
     if st is None:
         s = None
     else:
-        rank_, evicted, neg_idle_s = st
+        rank_, evicted, last_used_s = st
         assert 0 <= evicted <= _U64, f"evict bytes {evicted} out of range: this is a bug"
-        base = (_BASE_NO_EVICTION[rank_] if not evicted and not neg_idle_s
-                else ((((int(rank_) << 64) | evicted) << 64) | _ordered_u64(neg_idle_s)) << 64)
-        s = _new_tuple(_Score, (base, int(rank_), evicted, neg_idle_s,
+        base = (_BASE_NO_EVICTION[rank_] if not evicted and not last_used_s
+                else ((((int(rank_) << 64) | evicted) << 64) | _ordered_u64(last_used_s)) << 64)
+        s = _new_tuple(_Score, (base, int(rank_), evicted, last_used_s,
                                 _fixed_s(view, need.checkpoint, rank_, weights, evicted)))
     return s
 
@@ -325,7 +340,7 @@ def rank(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4) 
     for k, s in sorted(zip(keys, scores)):  # keys are unique (they end in the view index)
         i = k & _FIELD_MASK
         q = queue_lens[i]
-        out.append(Placement(views[i].replica_id, Rank(s.rank), s.evict_bytes, -s.neg_idle_s, q, q >= spill_queue_len))
+        out.append(Placement(views[i].replica_id, Rank(s.rank), s.evict_bytes, s.last_used_s, q, q >= spill_queue_len))
     return out
 
 

@@ -51,6 +51,7 @@ def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) ->
         inference_s=float(times.get("inference_s", 0.0)),
         disk_load_bytes_per_s=float(times.get("disk_load_bytes_per_s", 0.0)),
         host_reload_bytes_per_s=float(times.get("host_reload_bytes_per_s", 0.0)),
+        reported_at_s=float(report.get("timestamp_s", 0.0)),
     )
 
 
@@ -62,10 +63,11 @@ class MemoryAwareRequestRouter(RequestRouter):
         self._deployment = self._deployment_id.name
         # replica id -> (routing stats object, ledger version, overlaid view, report_seq): a
         # view is rebuilt only when its report or this router's placements on it change,
-        # not per decision. Ray gives every replica a new stats dict on each broadcast, so
-        # a dict that is not the cached one but carries the same report_seq is the same
-        # report (measured: 4 replicas reporting every 1 s gave 13 new dicts/s for 3.25
-        # new reports/s).
+        # not per decision. Ray gives every replica a new stats dict on each broadcast
+        # (measured: 4 replicas reporting every 1 s gave 13 new dicts/s for 3.25 new
+        # reports/s), and a replica reports every period even when only time passed; a
+        # replica's report_seq moves only when its state did (ModelReplica.memory_report),
+        # and a view ranks by last-use times, which do not move with time alone.
         self._views: dict[str, tuple[dict[str, Any], int, ReplicaView, Any]] = {}
 
     # ---- Ray hooks ---------------------------------------------------------------------------
@@ -144,8 +146,8 @@ class MemoryAwareRequestRouter(RequestRouter):
                 view = cached[2]
             elif cached is not None and cached[1] == v and cached[3] is not None and \
                     cached[3] == stats.get("report_seq"):
-                # The same report in a new dict: Ray replaces every replica's stats on each
-                # broadcast, and one replica's report is enough to cause one.
+                # The same replica state in a new dict: a copy from Ray's broadcast, or a
+                # report where only time passed.
                 view = cached[2]
                 cache[rid] = (stats, v, view, cached[3])
             else:

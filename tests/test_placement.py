@@ -404,8 +404,9 @@ def test_view_from_report_reads_service_times():
 
     report = {"device_budget_bytes": 100, "device_used_bytes": 0, "default_dtype": F16, "entries": [],
               "service_times": {"inference_s": 0.5, "disk_load_bytes_per_s": 2e9, "host_reload_bytes_per_s": 1e10}}
-    v = view_from_report("r", report, 0)
+    v = view_from_report("r", dict(report, timestamp_s=1234.5), 0)
     assert (v.inference_s, v.disk_load_bytes_per_s, v.host_reload_bytes_per_s) == (0.5, 2e9, 1e10)
+    assert v.reported_at_s == 1234.5  # last-use times are on the report's clock
     old = view_from_report("r", {k: x for k, x in report.items() if k != "service_times"}, 0)
     assert (old.inference_s, old.disk_load_bytes_per_s) == (0.0, 0.0)
 
@@ -438,3 +439,29 @@ def test_rank_for_keeps_a_view_when_a_broadcast_brings_the_same_report_in_a_new_
     b.routing_stats = copy.deepcopy(b.routing_stats)
     router.rank_for([b], need("x"))
     assert router._views["b"][2] is not unnumbered  # cannot tell it is the same report: rebuilt
+
+
+def test_victims_compare_by_last_use_so_the_age_of_a_report_does_not_matter():
+    """Equal evict bytes: the replica whose victim was used longest ago goes first, by
+    last-use time (reported_at_s - idle_s), whichever report is older; a later report of the
+    same unchanged state (idle grown by the time between) ranks the same."""
+    import dataclasses
+
+    def at(v, reported_at_s):
+        return dataclasses.replace(v, reported_at_s=reported_at_s)
+
+    old = at(view("old_report", used=90, a=("device", 90, 5.0)), 100.0)  # a last used at 95
+    new = at(view("new_report", used=90, a=("device", 90, 7.0)), 103.0)  # a last used at 96
+    ranked = rank([new, old], need())
+    assert [(p.replica_id, p.victims_last_used_s) for p in ranked] == [("old_report", 95.0), ("new_report", 96.0)]
+    later = at(view("old_report", used=90, a=("device", 90, 15.0)), 110.0)  # same state, 10 s on
+    assert [p.replica_id for p in rank([new, later], need())] == ["old_report", "new_report"]
+    assert rank_indices([new, old], need()) == rank_indices([new, later], need()) == [1, 0]
+
+
+def test_victims_compare_by_mean_last_use_not_summed_idle():
+    # 50 bytes either way: two victims last used at -10 (mean -10) or one at -15 (mean -15).
+    two = view("two", used=100, a=("device", 25, 10.0), b=("device", 25, 10.0), c=("device", 50, 0.0, 1))
+    one = view("one", used=100, a=("device", 50, 15.0), c=("device", 50, 0.0, 1))
+    ranked = rank([two, one], need(weights=40, workspace=10))
+    assert [(p.replica_id, p.evict_bytes, p.victims_last_used_s) for p in ranked] == [("one", 50, -15.0), ("two", 50, -10.0)]

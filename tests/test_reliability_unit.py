@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -304,9 +305,22 @@ def test_replica_answers_503_after_a_second_out_of_memory_error_and_serves_the_n
     rep = replica.memory_report()
     assert rep["counters"]["oom_recoveries"] == 2 and rep["in_flight"] == 0
     assert rep["workspace_in_flight_bytes"] == 0 and rep["leaked_modules"] == 0
-    # Each report is numbered: the request router tells a new report from Ray's copy of the last.
-    assert replica.memory_report()["report_seq"] == rep["report_seq"] + 1
     assert replica._generate_sync(_request("demo-xs", seed=1))["status"] == 200
+
+
+def test_report_seq_moves_with_the_replicas_state_not_with_time(replica):
+    """The request router keeps a replica's view while report_seq stays (request_router.rank_for)."""
+    assert replica._generate_sync(_request("demo-xs"))["status"] == 200
+    first = replica.memory_report()
+    time.sleep(0.05)
+    again = replica.memory_report()
+    assert [e["idle_s"] for e in again["entries"]] != [e["idle_s"] for e in first["entries"]]  # time passed
+    assert again["report_seq"] == first["report_seq"]
+    assert replica._generate_sync(_request("demo-xs", seed=1))["status"] == 200  # a hit: counters move
+    after_hit = replica.memory_report()["report_seq"]
+    assert after_hit > first["report_seq"]
+    replica.cache.offload("demo-xs")  # the entry moves to host
+    assert replica.memory_report()["report_seq"] > after_hit
 
 
 def test_replica_names_a_broken_checkpoint_by_its_registry_name_only(demo_dir, tmp_path):

@@ -75,6 +75,21 @@ def test_deterministic_for_a_fixed_seed(small):
     assert _volatile_free(again) == _volatile_free(small)
 
 
+def test_keeping_views_across_reports_where_only_time_passed_changes_no_outcome(small):
+    """rank_for keeps a replica's view while its report_seq stays (only time passed): the
+    simulation with every aged report rebuilt into a new view decides exactly the same."""
+    rebuilt = simulate(scenario_from_args(parser().parse_args(["--small", "--policies", "acd", "--no-keep-views"])),
+                       jobs=1)
+
+    def outcome(res: dict, k: str) -> str:
+        m = {key: v for key, v in strip_private(res)["policies"][k].items() if key not in ("wall", "fast_rank_experiment")}
+        return json.dumps(m, sort_keys=True)
+
+    for k in "acd":
+        assert outcome(rebuilt, k) == outcome(small, k), k
+    assert small["policies"]["a"]["wall"]["reports_aged"] > 0  # reports where only time passed did occur
+
+
 def test_command_line_writes_results(tmp_path):
     main(["--small", "--policies", "ab", "--jobs", "1", "--out", str(tmp_path), "--name", "t"])
     data = json.loads((tmp_path / "t.json").read_text())

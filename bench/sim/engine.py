@@ -22,10 +22,11 @@ report reflects, and per decision every replica's view is
 ranked replica with queue room. The simulator keeps one Ledger per replica (every Ledger
 method filters by replica id, so this is the same state as one shared Ledger) and reuses a
 replica's overlaid view until its report, queue length or ledger changes: the views
-``rank`` sees are exactly those the router would build. (A view is rebuilt once per new
-report of its replica, as rank_for does since reports carry ``report_seq``; before that,
-Ray's broadcast after any one replica's report made rank_for rebuild every replica's view.)
-Building the views from reports and the ledger is timed as view upkeep.
+``rank`` sees are exactly those the router would build. A view is rebuilt when its
+replica's state changed (a new ``report_seq``) or the ledger changed; a report where only
+time passed keeps the view, as rank_for does (``keep_views``; off: every report builds a
+view, as rank_for did before reports carried ``report_seq``). Building the views from
+reports and the ledger is timed as view upkeep.
 
 Policy b models Ray Serve model multiplexing (ray/serve/_private/request_router): replicas
 holding the model, else those with the fewest models, else any; power-of-two least-queue
@@ -73,6 +74,7 @@ class SimParams:
     tick_period_s: float = 1.0  # idle_check_period_s
     idle_timers: bool = True  # policy a: profile idle_offload_s / idle_release_s
     age_reports: bool = True  # reuse an unchanged replica's last report, aged (see _refresh_reports)
+    keep_views: bool = True  # an unchanged replica's aged report keeps its view, as rank_for does (report_seq)
     sample_every: int = 100  # keep every n-th decision's inputs to time bench/placement_fast.py on (0: off)
     seed: int = 1
 
@@ -222,15 +224,22 @@ class Simulation:
                 self._check_report(r, rep.device_used_bytes, rep.device_budget_bytes, rep.counters)
                 r.report_src, r.changed = stats, False
                 self.real_reports += 1
+                t0 = time.perf_counter_ns()  # the router builds this view from the report too: view upkeep
+                r.base_view = self._view_from_report(r.spec.replica_id, stats, 0)
+                self.view_ns += time.perf_counter_ns() - t0
+            elif self.p.keep_views:
+                # Only time passed: the replica's report_seq stays, and rank_for keeps the view
+                # it has (a view ranks by last-use times, which time alone does not move).
+                self.aged_reports += 1
             else:
                 src = r.report_src
                 dt = now - src["timestamp_s"]
                 stats = dict(src, timestamp_s=now, entries=[
                     e if e["in_use"] else dict(e, idle_s=round(e["idle_s"] + dt, 3)) for e in src["entries"]])
                 self.aged_reports += 1
-            t0 = time.perf_counter_ns()  # the router builds this view from the report too: view upkeep
-            r.base_view = self._view_from_report(r.spec.replica_id, stats, 0)
-            self.view_ns += time.perf_counter_ns() - t0
+                t0 = time.perf_counter_ns()
+                r.base_view = self._view_from_report(r.spec.replica_id, stats, 0)
+                self.view_ns += time.perf_counter_ns() - t0
             r.ledger.report_arrived(r.spec.replica_id, now)
             r.dirty = True
 

@@ -40,6 +40,7 @@ class Scenario:
     tick_period_s: float = 1.0
     idle_timers: bool = True
     age_reports: bool = True
+    keep_views: bool = True
     sample_every: int = 100
     policies: str = "abcd"
 
@@ -47,7 +48,7 @@ class Scenario:
         return SimParams(disk_gbps=self.disk_gbps, h2d_gbps=self.h2d_gbps, d2h_gbps=self.d2h_gbps,
                          max_ongoing=self.max_ongoing, spill_queue_len=self.spill_queue_len,
                          report_period_s=self.report_period_s, tick_period_s=self.tick_period_s,
-                         idle_timers=self.idle_timers, age_reports=self.age_reports,
+                         idle_timers=self.idle_timers, age_reports=self.age_reports, keep_views=self.keep_views,
                          sample_every=self.sample_every, seed=self.seed)
 
 
