@@ -297,9 +297,11 @@ def _new_score(view: ReplicaView, need: Need) -> _Score | None:
 
 
 def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
-            queue_lens: Sequence[int] | None) -> tuple[list[int], list[_Score], Sequence[int]]:
-    """(sort keys, scores, queue lengths) of every replica that could ever serve ``need``,
-    in view order; the key's low bits are the view's index, so ties keep view order."""
+            queue_lens: Sequence[int] | None) -> tuple[list[int], list[_Score], Sequence[int], list[int]]:
+    """(sort keys, scores, queue lengths, holders) of every replica that could ever serve
+    ``need``, in view order; the key's low bits are the view's index, so ties keep view
+    order. Holders: the positions in keys and scores of the replicas that hold the
+    checkpoint on their device or host."""
     if spill_queue_len < 1:
         raise ValueError(f"spill_queue_len must be >= 1, got {spill_queue_len}")
     if queue_lens is None:
@@ -313,6 +315,7 @@ def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
     checkpoint, memo_key, size_key = need.checkpoint, need.memo_key, need.size_key
     keys: list[int] = []
     scores: list[_Score] = []
+    held: list[int] = []
     add_key, add_score = keys.append, scores.append
     # The hot loop of every decision: two dict lookups and one int per replica (_score,
     # inlined).
@@ -321,6 +324,8 @@ def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
             s = v.score_memo.get(memo_key, _MISS)
             if s is _MISS:
                 s = _fill_memo(v, need, v.score_memo, memo_key)
+            if s is not None and s.rank <= _ON_HOST:
+                held.append(len(keys))
         else:
             s = v.size_memo.get(size_key, _MISS)
             if s is _MISS:
@@ -329,13 +334,13 @@ def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
             add_key((s.base | (q << _FIELD_BITS) | i) if q < spill_queue_len
                     else (s.base | (q << _FIELD_BITS) | i | _SPILLED))
             add_score(s)
-    return keys, scores, queue_lens
+    return keys, scores, queue_lens, held
 
 
 def rank(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4) -> list[Placement]:
     """All replicas that could ever serve ``need``, best first. Empty: fits none of them."""
     views = list(views)
-    keys, scores, queue_lens = _scored(views, need, spill_queue_len, None)
+    keys, scores, queue_lens, _ = _scored(views, need, spill_queue_len, None)
     out = []
     for k, s in sorted(zip(keys, scores)):  # keys are unique (they end in the view index)
         i = k & _FIELD_MASK
@@ -367,8 +372,7 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     Caveat: the estimate is per replica, not per checkpoint (one mean inference time), and
     assumes the queue ahead runs at that mean.
     """
-    keys, scores, queue_lens = _scored(views, need, spill_queue_len, queue_lens)
-    held = [j for j, s in enumerate(scores) if s.rank <= _ON_HOST]
+    keys, scores, queue_lens, held = _scored(views, need, spill_queue_len, queue_lens)
     best_wait_s: float | None = _INF
     for j in held:
         s, i = scores[j], keys[j] & _FIELD_MASK
@@ -376,7 +380,7 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
             best_wait_s = None
             break
         best_wait_s = min(best_wait_s, queue_lens[i] * views[i].inference_s + s.fixed_s)
-    if held:
+    if held and (best_wait_s is not None or not evict_for_held):  # else the gate keeps every replica
         # Filtering before the sort: under load most non-holders drop out here.
         keys = _gate(keys, scores, views, queue_lens, best_wait_s, evict_for_held)
     keys.sort()
