@@ -15,6 +15,7 @@ import collections
 import io
 import logging
 import os
+import random
 import threading
 import time
 from typing import Any
@@ -95,8 +96,10 @@ class ModelReplica:
         # report_seq: advances only when something the request router reads changes, time
         # aside (_routing_fingerprint). Ray hands the router a new copy of every replica's
         # stats on each broadcast, and an unchanged replica reports every period; by this the
-        # router keeps a view (and its scores) until the replica really changed.
-        self._report_seq = 0
+        # router keeps a view (and its scores) until the replica really changed. It starts
+        # at a random number, so that a restarted process does not repeat the seqs of the
+        # one before it.
+        self._report_seq = random.getrandbits(48)
         self._report_fingerprint: str | None = None
         self._report_lock = threading.Lock()
         try:
