@@ -204,6 +204,7 @@ def make_router(cluster: Cluster, spill_queue_len: int):
     router._spill_queue_len = spill_queue_len
     router._ledger = cluster.ledger
     router._views = {}
+    router._counters = {"decisions": 0, "views_built": 0}
     candidates = [FakeRunningReplica(rid, stats) for rid, stats in cluster.reports.items()]
     queue_lens = ReplicaQueueLengthCache(staleness_timeout_s=1e9)
     for r in candidates:

@@ -350,7 +350,9 @@ class RouterIngress:
         keys = ("device_budget_bytes", "device_used_bytes", "host_used_bytes", "leaked_modules", "in_flight")
         totals = {k: sum(r[k] for r in reports) for k in keys}
         totals["replicas"] = len(reports)
-        return {"replicas": reports, "totals": totals}
+        # This ingress's request router: decisions made, and views of replicas it built for
+        # them (one per replica whose state or placements changed, not one per report).
+        return {"replicas": reports, "totals": totals, "router": ReportBoard.router_counters(self._replica_deployment)}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -23,6 +23,7 @@ class ReportBoard:
 
     _lock = threading.Lock()
     _reports: dict[str, dict[str, dict[str, Any]]] = {}
+    _router_counters: dict[str, dict[str, int]] = {}
 
     @classmethod
     def publish(cls, deployment: str, reports: dict[str, dict[str, Any]]) -> None:
@@ -33,3 +34,15 @@ class ReportBoard:
     def reports(cls, deployment: str) -> dict[str, dict[str, Any]]:
         with cls._lock:
             return dict(cls._reports.get(deployment, {}))
+
+    @classmethod
+    def register_router_counters(cls, deployment: str, counters: dict[str, int]) -> None:
+        """The request router's own counters dict, which it keeps updating in place (no
+        per-decision publishing); the latest router registered for a deployment wins."""
+        with cls._lock:
+            cls._router_counters[deployment] = counters
+
+    @classmethod
+    def router_counters(cls, deployment: str) -> dict[str, int]:
+        with cls._lock:
+            return dict(cls._router_counters.get(deployment, {}))

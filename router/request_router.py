@@ -69,6 +69,9 @@ class MemoryAwareRequestRouter(RequestRouter):
         # replica's report_seq moves only when its state did (ModelReplica.memory_report),
         # and a view ranks by last-use times, which do not move with time alone.
         self._views: dict[str, tuple[dict[str, Any], int, ReplicaView, Any]] = {}
+        # Shown in the ingress's /v1/status: decisions made and views built for them.
+        self._counters = {"decisions": 0, "views_built": 0}
+        ReportBoard.register_router_counters(self._deployment, self._counters)
 
     # ---- Ray hooks ---------------------------------------------------------------------------
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -133,6 +136,7 @@ class MemoryAwareRequestRouter(RequestRouter):
                  evict_for_held: bool = True) -> list[list[RunningReplica]]:
         views, queues, reported, unreported = [], [], [], []
         cache, versions, queue_lens = self._views, self._ledger.versions, self.replica_queue_len_cache
+        built = 0
         for r in candidates:
             stats = r.routing_stats
             if not stats:
@@ -153,12 +157,16 @@ class MemoryAwareRequestRouter(RequestRouter):
             else:
                 view = self._ledger.overlay(view_from_report(rid, stats, 0))
                 cache[rid] = (stats, v, view, stats.get("report_seq"))
+                built += 1
             views.append(view)
             queues.append(queue_lens.get(replica_id) or 0)
             reported.append(r)
         if len(self._views) > 2 * len(candidates) + 8:  # replicas that left: drop their views
             live = {r.replica_id.unique_id for r in candidates}
             self._views = {k: v for k, v in self._views.items() if k in live}
+        counters = self._counters
+        counters["views_built"] += built
+        counters["decisions"] += 1
         if not views:
             return self._rank_unreported(candidates, need)
         order = rank_indices(views, need, spill_queue_len=self._spill_queue_len, queue_lens=queues,

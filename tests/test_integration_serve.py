@@ -185,6 +185,22 @@ def test_status_checkpoints_and_health(client):
     assert st["totals"]["device_budget_bytes"] == 2 * 140_000_000
 
 
+def test_router_rebuilds_only_the_view_of_the_replica_that_changed(client):
+    """Ray hands the router a new stats dict for every replica on each broadcast (any one
+    replica's report causes one); a replica whose state did not change keeps its view."""
+    first = generate(client, "demo-xs")
+    settle(client, "demo-xs", first["replica"])
+    time.sleep(4 * PERIOD_S)  # several reports of both replicas, and broadcasts
+    before = status(client)["router"]
+    second = generate(client, "demo-xs")
+    after = status(client)["router"]
+    assert second["replica"] == first["replica"] and second["served_from"] == "device"
+    assert after["decisions"] - before["decisions"] >= 1
+    # The holder's view is rebuilt (it loaded, ran and released demo-xs since its last view);
+    # the other replica did nothing and keeps its view through every broadcast.
+    assert after["views_built"] - before["views_built"] == 1, (before, after)
+
+
 def test_admin_offload_and_release_need_the_token(client):
     generate(client, "demo-xs")
     assert client.post("/v1/admin/release", json={}).status_code == 401

@@ -282,6 +282,7 @@ def _router(candidates):
     router._spill_queue_len = 4
     router._ledger = Ledger()
     router._views = {}
+    router._counters = {"decisions": 0, "views_built": 0}
     router._replica_queue_len_cache = {r.replica_id: 0 for r in candidates}
     return router
 
@@ -423,6 +424,7 @@ def test_rank_for_keeps_a_view_when_a_broadcast_brings_the_same_report_in_a_new_
     a.routing_stats = copy.deepcopy(a.routing_stats)  # the broadcast's copy of the same report
     router.rank_for([a], need("x"))
     assert router._views["a"][2] is first
+    assert router._counters == {"decisions": 2, "views_built": 1}
     assert router._views["a"][0] is a.routing_stats  # the copy is now the identity fast path
     a.routing_stats = dict(copy.deepcopy(a.routing_stats), report_seq=8)  # a new report
     router.rank_for([a], need("x"))
