@@ -4,7 +4,11 @@ What is real and what is modeled:
 - REAL: router.placement.rank (policies a, c, d), router.ledger.Ledger overlays,
   router.request_router.view_from_report (views from reports), and one
   deployments.cache.PipelineCache per replica (all policies) doing all bookkeeping:
-  LRU order, byte budgets, max_resident, host tier, pins, idle timers, counters.
+  LRU order, byte budgets, max_resident, host tier, pins, idle timers, counters; and one
+  deployments.service_times.ServiceTimes per replica fed the simulated load and inference
+  durations, whose figures go into the reports (``service_times``), so the holder gate of
+  rank_indices runs as deployed, with ``evict_for_held`` once a request waited
+  ``holder_wait_s``.
 - MODELED: the backend (bench/sim/backend.py) returns instantly; the seconds its loads
   and moves would take (bytes / bandwidth) are charged on the simulated clock. Inference
   time per request is a per-variant constant divided by a per-profile speed factor.
@@ -50,6 +54,7 @@ from typing import Any
 from bench.sim.backend import SimBackend
 from bench.sim.model import Checkpoint, ReplicaSpec, Request
 from deployments.cache import CacheConfig, Lease, PipelineCache, Shortfall
+from deployments.service_times import ServiceTimes
 from router.ledger import Ledger
 from router.placement import ReplicaView, rank, rank_indices
 
@@ -75,6 +80,8 @@ class SimParams:
     idle_timers: bool = True  # policy a: profile idle_offload_s / idle_release_s
     age_reports: bool = True  # reuse an unchanged replica's last report, aged (see _refresh_reports)
     keep_views: bool = True  # an unchanged replica's aged report keeps its view, as rank_for does (report_seq)
+    service_times: bool = True  # reports carry deployments.service_times figures, so the holder gate runs as deployed
+    holder_wait_s: float = 2.0  # MemoryAwareRequestRouter's holder_wait_s: evict_for_held once a request waited this long
     sample_every: int = 100  # keep every n-th decision's inputs to time bench/placement_fast.py on (0: off)
     seed: int = 1
 
@@ -111,6 +118,7 @@ class Rep:
     peak_report_bytes: int = 0
     report_overcommits: int = 0
     models: frozenset = frozenset()  # device-resident names (what Ray's multiplexed_model_ids reports)
+    times: ServiceTimes = field(default_factory=ServiceTimes)  # the replica's measured times (simulated durations)
 
 
 class Clock:
@@ -221,6 +229,8 @@ class Simulation:
                                  "in_use": e.in_use} for e in rep.entries],
                     "timestamp_s": now,
                 }
+                if self.p.service_times:
+                    stats["service_times"] = r.times.report().as_dict()
                 self._check_report(r, rep.device_used_bytes, rep.device_budget_bytes, rep.counters)
                 r.report_src, r.changed = stats, False
                 self.real_reports += 1
@@ -273,7 +283,8 @@ class Simulation:
         reps = self.reps
         queues = [r.ongoing for r in reps]
         t0 = time.perf_counter_ns()
-        order = rank_indices(views, job.ck.need, spill_queue_len=self.p.spill_queue_len, queue_lens=queues)
+        order = rank_indices(views, job.ck.need, spill_queue_len=self.p.spill_queue_len, queue_lens=queues,
+                             evict_for_held=self.clock.t - job.req.arrival_s >= self.p.holder_wait_s)
         self.rank_ns += time.perf_counter_ns() - t0
         self.decisions += 1
         if self.p.sample_every and self.decisions % self.p.sample_every == 0:
@@ -376,6 +387,10 @@ class Simulation:
             r.models = frozenset(e.name for e in rep.entries if e.tier == "device")
         job.lease, job.start_s, job.load_s = lease, now, io
         job.served_from = lease.served_from.value
+        if job.served_from == "disk":  # what ModelReplica measures: the load alone, not the moves before it
+            r.times.load("disk", ck.weights_bytes, ck.weights_bytes / r.backend.disk_bps)
+        elif job.served_from == "host":
+            r.times.load("host", ck.weights_bytes, ck.weights_bytes / r.backend.h2d_bps)
         r.running = job
         r.dirty = True
         self._push(begin + io + ck.variant.infer_s / r.spec.speed, self.COMPLETE, r.spec.index)
@@ -386,6 +401,7 @@ class Simulation:
         r.running = None
         job.lease.release()
         job.lease = None
+        r.times.inference(job.ck.variant.infer_s / r.spec.speed)
         r.changed = True
         r.backend.set_workspace(0)
         if self.policy == "c":

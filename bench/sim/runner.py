@@ -41,6 +41,8 @@ class Scenario:
     idle_timers: bool = True
     age_reports: bool = True
     keep_views: bool = True
+    service_times: bool = True
+    holder_wait_s: float = 2.0
     sample_every: int = 100
     policies: str = "abcd"
 
@@ -49,6 +51,7 @@ class Scenario:
                          max_ongoing=self.max_ongoing, spill_queue_len=self.spill_queue_len,
                          report_period_s=self.report_period_s, tick_period_s=self.tick_period_s,
                          idle_timers=self.idle_timers, age_reports=self.age_reports, keep_views=self.keep_views,
+                         service_times=self.service_times, holder_wait_s=self.holder_wait_s,
                          sample_every=self.sample_every, seed=self.seed)
 
 
