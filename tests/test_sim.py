@@ -90,6 +90,24 @@ def test_keeping_views_across_reports_where_only_time_passed_changes_no_outcome(
     assert small["policies"]["a"]["wall"]["reports_aged"] > 0  # reports where only time passed did occur
 
 
+@pytest.mark.parametrize("service_times", [True, False])
+def test_reports_carry_measured_service_times_so_the_holder_gate_runs_as_deployed(service_times):
+    from bench.sim.engine import Simulation
+    from bench.sim.runner import build_world
+
+    args = ["--small"] + ([] if service_times else ["--no-service-times"])
+    sc = scenario_from_args(parser().parse_args(args))
+    catalog, fleet, trace = build_world(sc)
+    sim = Simulation("a", fleet, catalog, trace, sc.sim_params())
+    sim.run()
+    timed = [r.base_view for r in sim.reps if r.base_view.inference_s > 0]
+    if service_times:
+        assert timed and all(v.disk_load_bytes_per_s == sc.disk_gbps * 1e9 for v in timed
+                             if v.disk_load_bytes_per_s)  # the modeled bandwidth, as measured
+    else:
+        assert timed == []
+
+
 def test_command_line_writes_results(tmp_path):
     main(["--small", "--policies", "ab", "--jobs", "1", "--out", str(tmp_path), "--name", "t"])
     data = json.loads((tmp_path / "t.json").read_text())
