@@ -259,21 +259,6 @@ def _fixed_s(view: ReplicaView, checkpoint: str, rank_: Rank, weights: int, evic
     return (weights + evicted) / bps if bps > 0 else None
 
 
-def _score(view: ReplicaView, need: Need) -> _Score | None:
-    """This view's answer to ``need`` from its memo, computed on first use: a router reuses
-    one view for every decision until that replica's report or placements change, and
-    popular checkpoints are asked for again and again in that time. A replica that does
-    not hold the checkpoint answers from the sizes alone (its size_memo): every new
-    report brings new views with empty memos, and a large catalog brings names a view has
-    not seen, but fine-tunes of one architecture share their sizes."""
-    if need.checkpoint in view.entries:
-        memo, key = view.score_memo, need.memo_key
-    else:
-        memo, key = view.size_memo, need.size_key
-    s = memo.get(key, _MISS)
-    return _fill_memo(view, need, memo, key) if s is _MISS else s
-
-
 def _fill_memo(view: ReplicaView, need: Need, memo: dict, key: str) -> _Score | None:
     if len(memo) >= _MEMO_MAX:
         memo.clear()
@@ -317,8 +302,10 @@ def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
     scores: list[_Score] = []
     held: list[int] = []
     add_key, add_score = keys.append, scores.append
-    # The hot loop of every decision: two dict lookups and one int per replica (_score,
-    # inlined).
+    # The hot loop of every decision: two dict lookups and one int per replica. A view
+    # that does not hold the checkpoint answers from the sizes alone (its size_memo):
+    # every new report brings new views with empty memos, and a large catalog brings names
+    # a view has not seen, but fine-tunes of one architecture share their sizes.
     for i, (v, q) in enumerate(zip(views, queue_lens)):
         if checkpoint in v.entries:
             s = v.score_memo.get(memo_key, _MISS)
