@@ -94,6 +94,7 @@ class Job:
     routed_s: float = 0.0
     start_s: float = 0.0
     load_s: float = 0.0
+    infer_s: float = 0.0  # this request's modeled inference time on the replica that runs it
     served_from: str = ""
     lease: Lease | None = None
     replica: int = -1
@@ -234,12 +235,10 @@ class Simulation:
                 self._check_report(r, rep.device_used_bytes, rep.device_budget_bytes, rep.counters)
                 r.report_src, r.changed = stats, False
                 self.real_reports += 1
-                t0 = time.perf_counter_ns()  # the router builds this view from the report too: view upkeep
-                r.base_view = self._view_from_report(r.spec.replica_id, stats, 0)
-                self.view_ns += time.perf_counter_ns() - t0
             elif self.p.keep_views:
                 # Only time passed: the replica's report_seq stays, and rank_for keeps the view
                 # it has (a view ranks by last-use times, which time alone does not move).
+                stats = None
                 self.aged_reports += 1
             else:
                 src = r.report_src
@@ -247,7 +246,8 @@ class Simulation:
                 stats = dict(src, timestamp_s=now, entries=[
                     e if e["in_use"] else dict(e, idle_s=round(e["idle_s"] + dt, 3)) for e in src["entries"]])
                 self.aged_reports += 1
-                t0 = time.perf_counter_ns()
+            if stats is not None:
+                t0 = time.perf_counter_ns()  # the router builds this view from the report too: view upkeep
                 r.base_view = self._view_from_report(r.spec.replica_id, stats, 0)
                 self.view_ns += time.perf_counter_ns() - t0
             r.ledger.report_arrived(r.spec.replica_id, now)
@@ -386,6 +386,7 @@ class Simulation:
         if self.policy == "b":
             r.models = frozenset(e.name for e in rep.entries if e.tier == "device")
         job.lease, job.start_s, job.load_s = lease, now, io
+        job.infer_s = ck.variant.infer_s / r.spec.speed
         job.served_from = lease.served_from.value
         if job.served_from == "disk":  # what ModelReplica measures: the load alone, not the moves before it
             r.times.load("disk", ck.weights_bytes, ck.weights_bytes / r.backend.disk_bps)
@@ -393,7 +394,7 @@ class Simulation:
             r.times.load("host", ck.weights_bytes, ck.weights_bytes / r.backend.h2d_bps)
         r.running = job
         r.dirty = True
-        self._push(begin + io + ck.variant.infer_s / r.spec.speed, self.COMPLETE, r.spec.index)
+        self._push(begin + io + job.infer_s, self.COMPLETE, r.spec.index)
 
     def _complete(self, r: Rep) -> None:
         now = self.clock.t
@@ -401,7 +402,7 @@ class Simulation:
         r.running = None
         job.lease.release()
         job.lease = None
-        r.times.inference(job.ck.variant.infer_s / r.spec.speed)
+        r.times.inference(job.infer_s)
         r.changed = True
         r.backend.set_workspace(0)
         if self.policy == "c":
