@@ -93,8 +93,8 @@ class ModelReplica:
             self._backend,
         )
         self._estimator = Estimator()
-        # report_seq: advances only when something the request router reads changes, time
-        # aside (_routing_fingerprint). Ray hands the router a new copy of every replica's
+        # report_seq: advances only when the report changes in more than what time alone
+        # moves (_routing_fingerprint; that covers everything the request router reads). Ray hands the router a new copy of every replica's
         # stats on each broadcast, and an unchanged replica reports every period; by this the
         # router keeps a view (and its scores) until the replica really changed. It starts
         # at a random number, so that a restarted process does not repeat the seqs of the
