@@ -282,10 +282,7 @@ def _router(candidates):
     from router.request_router import MemoryAwareRequestRouter
 
     router = object.__new__(MemoryAwareRequestRouter)  # only the state rank_for reads; no Ray
-    router._spill_queue_len = 4
-    router._ledger = Ledger()
-    router._views = {}
-    router._counters = {"decisions": 0, "views_built": 0}
+    router.init_routing_state(spill_queue_len=4, holder_wait_s=2.0, rank_limit=16, ledger=Ledger())
     router._replica_queue_len_cache = {r.replica_id: 0 for r in candidates}
     return router
 
@@ -308,6 +305,26 @@ def test_rank_for_reuses_views_until_the_report_or_the_ledger_changes():
     assert router._views["a"][2].used_bytes == 0
     unreported = _FakeRunningReplica("c", {})
     assert ids(router.rank_for([a, b, unreported], need("x")))[-1] == ["c"]
+
+
+def test_rank_for_ranks_only_this_calls_candidates_and_at_most_rank_limit_of_them():
+    reps = [_FakeRunningReplica(f"r{i}", _report(100)) for i in range(5)]
+    router = _router(reps)
+    router._rank_limit = 3
+    ids = lambda ranks: [[r.replica_id.unique_id for r in rank_] for rank_ in ranks]  # noqa: E731
+    for i, r in enumerate(reps):
+        router._replica_queue_len_cache[r.replica_id] = 4 - i if i < 4 else 0  # r4 and r3 least loaded
+    assert ids(router.rank_for(reps, need("x"))) == [["r4"], ["r3"], ["r2"]]
+    # r4 is not offered (gone, or filtered by Ray): never returned, and its slot is freed...
+    assert ids(router.rank_for(reps[:4], need("x"))) == [["r3"], ["r2"], ["r1"]]
+    assert router._slots.keys() == {"r0", "r1", "r2", "r3"}
+    # ...and taken by a newcomer, which ranks on its own report.
+    new = _FakeRunningReplica("n", _report(100, [("x", "device", 40)]))
+    router._replica_queue_len_cache[new.replica_id] = 3
+    assert ids(router.rank_for(reps[:4] + [new], need("x"))) == [["n"], ["r3"], ["r2"]]
+    assert router._slots["n"] == 4
+    # r4 returns: a new slot, its view rebuilt from its report.
+    assert ids(router.rank_for(reps + [new], need("x"))) == [["n"], ["r4"], ["r3"]]
 
 
 def test_before_any_report_a_cold_burst_follows_the_first_pick():

@@ -56,6 +56,7 @@ from bench.sim.model import Checkpoint, ReplicaSpec, Request
 from deployments.cache import CacheConfig, Lease, PipelineCache, Shortfall
 from deployments.service_times import ServiceTimes
 from router.ledger import Ledger
+from router.fleet_index import FleetIndex
 from router.placement import ReplicaView, rank, rank_indices
 
 POLICIES = {
@@ -82,6 +83,7 @@ class SimParams:
     keep_views: bool = True  # an unchanged replica's aged report keeps its view, as rank_for does (report_seq)
     service_times: bool = True  # reports carry deployments.service_times figures, so the holder gate runs as deployed
     holder_wait_s: float = 2.0  # MemoryAwareRequestRouter's holder_wait_s: evict_for_held once a request waited this long
+    rank_limit: int = 16  # places asked of router.fleet_index.FleetIndex per decision, as rank_for (0: rank_indices, whole order)
     sample_every: int = 100  # keep every n-th decision's inputs to time bench/placement_fast.py on (0: off)
     seed: int = 1
 
@@ -199,6 +201,7 @@ class Simulation:
         self.views_rebuilt = 0
         self.acquire_errors: dict[str, int] = {}
         self.samples: list[tuple[list[ReplicaView], Any]] = []
+        self.index = FleetIndex() if params.rank_limit else None
 
     # ---- event queue -------------------------------------------------------------------------
     ARRIVE, COMPLETE, REPORT, TICK = 0, 1, 2, 3
@@ -266,13 +269,16 @@ class Simulation:
         """
         t0 = time.perf_counter_ns()
         out = []
-        for r in self.reps:
+        index = self.index
+        for i, r in enumerate(self.reps):
             if r.dirty:
                 of = (r.base_view, r.ledger.version(r.spec.replica_id))
                 if of[0] is not r.view_of[0] or of[1] != r.view_of[1]:
                     r.view = r.ledger.overlay(r.base_view)
                     r.view_of = of
                     self.views_rebuilt += 1
+                    if index is not None:
+                        index.set_view(i, r.view)
                 r.dirty = False
             out.append(r.view)
         self.view_ns += time.perf_counter_ns() - t0
@@ -282,9 +288,14 @@ class Simulation:
         views = self._views()
         reps = self.reps
         queues = [r.ongoing for r in reps]
+        evict_for_held = self.clock.t - job.req.arrival_s >= self.p.holder_wait_s
         t0 = time.perf_counter_ns()
-        order = rank_indices(views, job.ck.need, spill_queue_len=self.p.spill_queue_len, queue_lens=queues,
-                             evict_for_held=self.clock.t - job.req.arrival_s >= self.p.holder_wait_s)
+        if self.index is not None:
+            order = self.index.rank(job.ck.need, queues, spill_queue_len=self.p.spill_queue_len,
+                                    evict_for_held=evict_for_held, limit=self.p.rank_limit)
+        else:
+            order = rank_indices(views, job.ck.need, spill_queue_len=self.p.spill_queue_len, queue_lens=queues,
+                                 evict_for_held=evict_for_held)
         self.rank_ns += time.perf_counter_ns() - t0
         self.decisions += 1
         if self.p.sample_every and self.decisions % self.p.sample_every == 0:

@@ -1,0 +1,272 @@
+"""FleetIndex: rank_indices for a fleet whose views change a few at a time, sub-linear per decision.
+
+:func:`router.placement.rank_indices` is stateless: every decision visits every view (two
+dict lookups and one int per replica, then a sort). At 256 replicas that loop is most of a
+decision. FleetIndex keeps, per size class (``Need.size_key``: fine-tunes of one
+architecture share it), every replica's answer for a checkpoint it does not hold, sorted by
+the part of the sort key that does not move with queues. A decision then scores the few
+holders of the checkpoint and walks that sorted list only until it has ``limit`` places:
+what :func:`rank_indices` gives, cut to its first ``limit`` (ties, as there, by queue
+length then slot).
+
+Upkeep is lazy: :meth:`set_view` appends the slot to a change log, and a size class re-sorts
+only the slots changed since it was last asked for, on its next decision.
+
+Caveats:
+- A decision still costs O(replicas) when few replicas qualify: when most are spilled
+  (queue at or above ``spill_queue_len``) or dropped by the holder gate, the walk reaches
+  the end of the list.
+- ``limit`` trades the tail of the order for speed: the Ray shell sends to the first place
+  with queue room and backs off when none of the ``limit`` has room, as when none at all has.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from typing import Sequence
+
+from router.placement import (_FIELD_BITS, _FIELD_MASK, _FITS, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView,
+                              _fill_memo, _gate, _keep, _rank_floor, _Score)
+
+# A checkpoint name no view holds: a size class scores every view as a non-holder.
+_NOBODY = "\x00memrouter:size-class"
+_MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
+
+
+class _SizeClass:
+    __slots__ = ("need", "order", "scores", "log_pos", "required")
+
+    def __init__(self, need: Need):
+        self.need = Need(_NOBODY, need.weights_bytes, need.workspace_bytes)
+        self.order: list[tuple[int, int]] = []  # (static base, slot), ascending; slots that can fit
+        self.required: dict[str, int] = {}  # dtype -> weights + workspace bytes
+        self.scores: list[_Score | None] = []  # by slot: the non-holder answer (None: never fits or empty)
+        self.log_pos = -1  # absolute change-log position synced up to (-1: never built)
+
+
+class FleetIndex:
+    """Views by slot (0..n-1, the caller's stable numbering), kept across decisions.
+
+    Not thread-safe: one router event loop owns it, as it owns the ledger.
+    """
+
+    def __init__(self) -> None:
+        self._views: list[ReplicaView | None] = []
+        self._holders: dict[str, set[int]] = {}  # checkpoint -> slots whose view has an entry for it
+        self._classes: dict[str, _SizeClass] = {}
+        self._log: list[int] = []  # slots changed, oldest first
+        self._log_start = 0  # absolute position of _log[0]
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def view(self, slot: int) -> ReplicaView | None:
+        """The view at ``slot``; None for an empty slot or one past the end."""
+        views = self._views
+        return views[slot] if 0 <= slot < len(views) else None
+
+    def set_view(self, slot: int, view: ReplicaView | None) -> None:
+        """Put ``view`` at ``slot`` (None empties it). Cheap: classes catch up on their next use."""
+        if slot < 0:
+            raise ValueError(f"slot must be >= 0, got {slot}")
+        views = self._views
+        if slot >= len(views):
+            views.extend([None] * (slot + 1 - len(views)))
+        old = views[slot]
+        if old is view:
+            return
+        if old is not None:
+            for name in old.entries:
+                held = self._holders.get(name)
+                if held is not None:
+                    held.discard(slot)
+                    if not held:
+                        del self._holders[name]
+        if view is not None:
+            holders = self._holders
+            for name in view.entries:
+                held = holders.get(name)
+                if held is None:
+                    holders[name] = {slot}
+                else:
+                    held.add(slot)
+        views[slot] = view
+        log = self._log
+        log.append(slot)
+        if len(log) > 8 * len(views) + 64:
+            # Classes behind the cut rebuild in full on their next use; bounded memory.
+            self._log_start += len(log)
+            log.clear()
+
+    def _synced(self, need: Need) -> _SizeClass:
+        key = need.size_key
+        cls = self._classes.get(key)
+        if cls is None:
+            if len(self._classes) >= _MAX_CLASSES:
+                self._classes.clear()
+            cls = self._classes[key] = _SizeClass(need)
+        views, end = self._views, self._log_start + len(self._log)
+        if cls.log_pos == end and len(cls.scores) == len(views):
+            return cls
+        scores, order = cls.scores, cls.order
+        if len(scores) < len(views):
+            scores.extend([None] * (len(views) - len(scores)))
+        if cls.log_pos < self._log_start:  # never built, or the log was cut past it: rebuild
+            slots = range(len(views))
+            order.clear()
+            scores[:] = [None] * len(views)
+        else:
+            slots = dict.fromkeys(self._log[cls.log_pos - self._log_start:])
+        try:
+            self._resync(cls, slots, need)
+        except BaseException:
+            del self._classes[key]  # half-updated: rebuilt in full on its next use
+            raise
+        cls.log_pos = end
+        return cls
+
+    def _resync(self, cls: _SizeClass, slots, need: Need) -> None:
+        views, scores, order, required = self._views, cls.scores, cls.order, cls.required
+        cneed, size_key = cls.need, need.size_key
+        for slot in slots:
+            old = scores[slot]
+            if old is not None:
+                i = bisect_left(order, (old.base, slot))
+                assert order[i][1] == slot, "FleetIndex order lost a slot: this is a bug"
+                del order[i]
+            v = views[slot]
+            if v is None:
+                s = None
+            else:
+                dtype = v.default_dtype
+                need_bytes = required.get(dtype)
+                if need_bytes is None:
+                    try:
+                        need_bytes = required[dtype] = sum(cneed.at(dtype))
+                    except ValueError:
+                        need.at(dtype)  # the same error, naming the checkpoint
+                        raise
+                if need_bytes > v.budget_bytes:  # never fits this replica (_static's first test)
+                    scores[slot] = None
+                    continue
+                # The view's own size memo: shared with rank_indices, so neither scores twice.
+                s = v.size_memo.get(size_key, _MISS)
+                if s is _MISS:
+                    s = _fill_memo(v, cneed, v.size_memo, size_key)
+            scores[slot] = s
+            if s is not None:
+                insort(order, (s.base, slot))
+
+    def rank(self, need: Need, queue_lens: Sequence[int], *, spill_queue_len: int = 4,
+             evict_for_held: bool = True, limit: int | None = None, min_queue_len: int = 0) -> list[int]:
+        """``rank_indices(views, need, queue_lens=..., ...)[:limit]`` over the slots' views
+        (slot = index), without visiting every view; ``limit`` None gives the whole order.
+
+        ``queue_lens`` has one entry per slot, each in [0, 2**32), and is read only at the
+        slots a decision visits (a lazy sequence works). ``min_queue_len``: a lower bound of
+        them (0 is always right); a tighter one lets a decision stop earlier in a large
+        group of equal replicas (ties go by queue length)."""
+        views = self._views
+        if spill_queue_len < 1:
+            raise ValueError(f"spill_queue_len must be >= 1, got {spill_queue_len}")
+        if len(queue_lens) != len(views):
+            raise ValueError(f"queue_lens has {len(queue_lens)} entries for {len(views)} slots; pass one per slot")
+        if min_queue_len < 0:
+            raise ValueError(f"min_queue_len must be >= 0, got {min_queue_len}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        if len(views) > _FIELD_MASK:
+            raise ValueError(f"at most {_FIELD_MASK} slots, got {len(views)}")
+        want = limit if limit is not None else len(views)
+        cls = self._synced(need)
+        holders = self._holders.get(need.checkpoint)
+
+        # Holders: scored per checkpoint (their view's score_memo), as rank_indices does.
+        hkeys: list[int] = []
+        hscores: list[_Score] = []
+        best_wait_s: float | None = _INF
+        any_held = False
+        if holders:
+            memo_key = need.memo_key
+            for slot in holders:
+                v = views[slot]
+                s = v.score_memo.get(memo_key, _MISS)
+                if s is _MISS:
+                    s = _fill_memo(v, need, v.score_memo, memo_key)
+                if s is None:
+                    continue
+                q = queue_lens[slot]
+                if not min_queue_len <= q <= _FIELD_MASK:
+                    raise _bad_queue(q, min_queue_len)
+                hkeys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0))
+                hscores.append(s)
+                if s.rank <= _ON_HOST:
+                    any_held = True
+                    if best_wait_s is not None:
+                        if s.fixed_s is None:
+                            best_wait_s = None
+                        else:
+                            best_wait_s = min(best_wait_s, q * v.inference_s + s.fixed_s)
+        gate = any_held and (best_wait_s is not None or not evict_for_held)
+        if gate:
+            hkeys = _gate(hkeys, hscores, views, queue_lens, best_wait_s, evict_for_held)
+
+        ranked = self._non_holders(cls, holders, queue_lens, spill_queue_len, want,
+                                   best_wait_s if gate else _NO_GATE, evict_for_held, min_queue_len)
+        ranked.extend(hkeys)
+        ranked.sort()
+        return [k & _FIELD_MASK for k in ranked[:want]]
+
+    def _non_holders(self, cls: _SizeClass, holders: set[int] | None, queue_lens: Sequence[int],
+                     spill_queue_len: int, want: int, best_wait_s: float | None | object,
+                     evict_for_held: bool, qmin: int) -> list[int]:
+        """Sort keys of the non-holders that can be in the first ``want`` places (spilled
+        ones only when fewer than ``want`` are not), unsorted. ``best_wait_s`` _NO_GATE:
+        the holder gate is off."""
+        views, scores = self._views, cls.scores
+        gate = best_wait_s is not _NO_GATE
+        # Past this base the gate keeps no non-holder: without measured times and before
+        # evict_for_held, only a replica with free room is kept.
+        stop = _AFTER_FITS if gate and best_wait_s is None and not evict_for_held else _NO_STOP
+        # The static order. Members of a tie group (equal base) order by queue length, then
+        # slot: a group is walked until ``want`` places are certain, which is when the places
+        # before it plus its members at the smallest queue length (qmin: none can beat them)
+        # reach ``want``; a light load's big group of empty replicas stops early that way.
+        ranked: list[int] = []
+        spilled: list[int] = []
+        group, before, at_qmin = -1, 0, 0
+        for base, slot in cls.order:
+            if base != group:
+                if len(ranked) >= want:
+                    return ranked
+                if base >= stop:
+                    break
+                group, before, at_qmin = base, len(ranked), 0
+            if holders and slot in holders:
+                continue
+            q = queue_lens[slot]
+            if not qmin <= q <= _FIELD_MASK:
+                raise _bad_queue(q, qmin)
+            if gate and not _keep(scores[slot], q, views[slot], best_wait_s, evict_for_held):
+                continue
+            if q < spill_queue_len:
+                ranked.append(base | (q << _FIELD_BITS) | slot)
+                if q == qmin:
+                    at_qmin += 1
+                    if before + at_qmin >= want:
+                        return ranked
+            else:
+                spilled.append(base | (q << _FIELD_BITS) | slot | _SPILLED)
+        ranked.extend(spilled)  # fewer than want places below the spill line: the spilled ones follow
+        return ranked
+
+
+def _bad_queue(q: int, min_queue_len: int) -> ValueError:
+    return ValueError(f"queue lengths must be in [min_queue_len={min_queue_len}, {_FIELD_MASK}], got {q}")
+
+
+_NO_GATE = object()
+_AFTER_FITS = _rank_floor(_FITS + 1)
+_NO_STOP = 1 << 1024
+_INF = float("inf")
+

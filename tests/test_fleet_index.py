@@ -1,0 +1,126 @@
+"""FleetIndex against rank_indices: the same order, cut to ``limit``, as views change (no cluster)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from router.fleet_index import FleetIndex
+from router.placement import EntryView, Need, ReplicaView, rank_indices
+from tests.test_placement import F16, need, random_views, view
+
+
+def timed(rng, v: ReplicaView) -> ReplicaView:
+    """A view with measured service times (or none), so that the holder gate runs."""
+    if rng.random() < 0.2:
+        return v
+    return dataclasses.replace(v, inference_s=rng.choice([0.5, 1.0, 3.0]),
+                               disk_load_bytes_per_s=rng.choice([5.0, 20.0, 80.0]),
+                               host_reload_bytes_per_s=rng.choice([50.0, 200.0]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fleet_index_ranks_as_rank_indices_cut_to_the_limit_as_views_change(seed):
+    rng = random.Random(100 + seed)
+    size_pool = [(rng.randrange(5, 90), rng.randrange(0, 20)) for _ in range(4)]
+    views = [timed(rng, v) for v in random_views(rng, rng.randrange(3, 40))]
+    fleet = FleetIndex()
+    for i, v in enumerate(views):
+        fleet.set_view(i, v)
+    compared = cut = 0
+    for step in range(400):
+        for _ in range(rng.randrange(0, 4)):  # reports and placements replace a few views
+            i = rng.randrange(len(views))
+            views[i] = timed(rng, random_views(rng, 1)[0])
+            fleet.set_view(i, views[i])
+        w, ws = rng.choice(size_pool)
+        nd = need(f"c{rng.randrange(12)}", weights=w, workspace=ws)
+        queues = [rng.randrange(0, 7) for _ in views]
+        spill, held = rng.randrange(1, 6), rng.random() < 0.5
+        limit = rng.choice([None, 1, 2, 5, 16])
+        floor = rng.choice([0, min(queues)])  # any lower bound of the queue lengths
+        expected = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues, evict_for_held=held)
+        got = fleet.rank(nd, queues, spill_queue_len=spill, evict_for_held=held, limit=limit, min_queue_len=floor)
+        assert got == expected[:limit], (step, limit)
+        compared += 1
+        cut += limit is not None and len(expected) > limit
+    assert compared == 400 and cut > 50  # the limit did cut orders short
+
+
+def test_fleet_index_ties_go_by_queue_then_slot_and_spilled_last():
+    fleet = FleetIndex()
+    for i in range(5):
+        fleet.set_view(i, view(f"r{i}"))  # all empty: one tie group (FITS, nothing to evict)
+    assert fleet.rank(need(), [2, 0, 1, 0, 9], spill_queue_len=4) == [1, 3, 2, 0, 4]
+    assert fleet.rank(need(), [2, 0, 1, 0, 9], spill_queue_len=4, limit=2) == [1, 3]
+
+
+def test_fleet_index_reads_queue_lengths_only_at_the_slots_it_visits():
+    class Lazy:
+        def __init__(self, n):
+            self.n, self.read = n, []
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, slot):
+            self.read.append(slot)
+            return 0
+
+    fleet = FleetIndex()
+    for i in range(50):
+        fleet.set_view(i, view(f"r{i}"))
+    queues = Lazy(50)
+    assert fleet.rank(need(), queues, limit=3) == [0, 1, 2]  # all equal: slot order
+    assert sorted(set(queues.read)) == [0, 1, 2]  # three zero-queue replicas settle the first three places
+
+
+def test_fleet_index_emptied_slots_and_holders_follow_set_view():
+    fleet = FleetIndex()
+    fleet.set_view(0, view("a", used=40, x=("device", 40)))
+    fleet.set_view(1, view("b"))
+    assert fleet.rank(need("x"), [0, 0]) == [0, 1]
+    fleet.set_view(0, view("a2", used=90, y=("device", 90, 1.0)))  # x gone, y must be evicted
+    assert fleet.rank(need("x"), [0, 0]) == [1, 0]
+    fleet.set_view(1, None)
+    assert fleet.rank(need("x"), [0, 0]) == [0]
+    assert fleet.rank(need("x"), [0, 0], limit=1) == [0]
+
+
+def test_fleet_index_rebuilds_a_size_class_after_the_change_log_is_cut():
+    rng = random.Random(5)
+    views = random_views(rng, 6)
+    fleet = FleetIndex()
+    for i, v in enumerate(views):
+        fleet.set_view(i, v)
+    nd = need("c1", 30, 5)
+    assert fleet.rank(nd, [0] * 6) == rank_indices(views, nd, queue_lens=[0] * 6)
+    for _ in range(200):  # far past the log's bound (8 x slots + 64)
+        i = rng.randrange(6)
+        views[i] = random_views(rng, 1)[0]
+        fleet.set_view(i, views[i])
+    assert fleet.rank(nd, [0] * 6) == rank_indices(views, nd, queue_lens=[0] * 6)
+
+
+def test_fleet_index_misuse_names_the_parameter():
+    fleet = FleetIndex()
+    fleet.set_view(0, view("a"))
+    with pytest.raises(ValueError, match="queue_lens has 2 entries for 1 slots"):
+        fleet.rank(need(), [0, 0])
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        fleet.rank(need(), [0], limit=0)
+    with pytest.raises(ValueError, match="queue lengths must be in"):
+        fleet.rank(need(), [-1])
+    with pytest.raises(ValueError, match=r"must be in \[min_queue_len=2, .*got 1"):
+        fleet.rank(need(), [1], min_queue_len=2)  # not a lower bound: would cut ties wrongly
+    with pytest.raises(ValueError, match="min_queue_len must be >= 0"):
+        fleet.rank(need(), [0], min_queue_len=-1)
+    with pytest.raises(ValueError, match="slot must be >= 0"):
+        fleet.set_view(-1, view("b"))
+    with pytest.raises(ValueError, match="'x' has no estimate at dtype 'bfloat16'"):
+        fleet.set_view(0, view("a", dtype="bfloat16"))
+        fleet.rank(need("x"), [0])
+    fleet.set_view(0, view("a"))  # the failed size class is rebuilt, not left half-updated
+    assert fleet.rank(need("x"), [0]) == [0]
