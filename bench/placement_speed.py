@@ -19,19 +19,18 @@ Layers timed per decision (time.perf_counter_ns, one call each):
                   of rank_indices' order, from views kept across decisions; one view
                   replaced per decision (untimed set_view; its re-scoring is timed)
   rank_for        MemoryAwareRequestRouter.rank_for (router/request_router.py) on fake
-                  candidates, the full per-request work of the Ray shell, in three states
-                  of its view cache (a view is rebuilt from its report + ledger overlay
-                  only when that report or this router's placements on it change), with
-                  Ray's own ReplicaID and ReplicaQueueLengthCache:
-    steady        nothing changed since the last decision (queue lengths are read anew)
-    1 changed     one replica's view rebuilt per decision: one new report or one
-                  placement per decision, the common case under load
-    all changed   every view rebuilt per decision (every report new): the worst case
-    broadcast     before each decision (untimed), every replica's stats replaced by a new
-                  dict, as Ray's long-poll broadcast delivers them after any one replica's
-                  report; one of them is a new report (new report_seq), the rest are copies
-                  of the last one. Before report_seq, each broadcast cost what
-                  `all changed` costs.
+                  candidates, the full per-request work of the Ray shell, with Ray's own
+                  ReplicaID and ReplicaQueueLengthCache. Ray passes the same candidate list
+                  object until its next broadcast of replicas; with it, rank_for re-views
+                  only the replicas its ledger touched, and a new list takes a full pass:
+    steady        nothing changed since the last decision
+    1 placed      before each decision (untimed), the ledger records a placement on one
+                  replica, as choose_replicas does for every decision: the common case
+    all changed   every view rebuilt per decision (every report new, a new list): the worst case
+    broadcast     before each decision (untimed), a new candidate list and every replica's
+                  stats in a new dict, as Ray's long-poll broadcast delivers them after any
+                  one replica's report; one of them is a new report (new report_seq), the
+                  rest are copies of the last one: a full pass that rebuilds one view
 (Ray itself is imported but not started.) Each size also checks the real rank against the
 independent reference implementation in bench/placement_fast.py on 300 decisions.
 The target (issue "Router overhead") is <= 100 us per decision at 100 replicas.
@@ -200,7 +199,7 @@ class FakeRunningReplica:
         return self._info[1]
 
 
-def make_router(cluster: Cluster, spill_queue_len: int):
+def make_router(cluster: Cluster, spill_queue_len: int, tie_window: int = 256):
     """The real MemoryAwareRequestRouter without Ray's constructor: only the state rank_for
     reads, with Ray's own queue-length cache (its get() checks staleness per call)."""
     from ray.serve._private.request_router.common import ReplicaQueueLengthCache
@@ -209,7 +208,7 @@ def make_router(cluster: Cluster, spill_queue_len: int):
 
     router = object.__new__(MemoryAwareRequestRouter)
     router.init_routing_state(spill_queue_len=spill_queue_len, holder_wait_s=2.0, rank_limit=_RANK_LIMIT,
-                              ledger=cluster.ledger)
+                              ledger=cluster.ledger, tie_window=tie_window)
     candidates = [FakeRunningReplica(rid, stats) for rid, stats in cluster.reports.items()]
     queue_lens = ReplicaQueueLengthCache(staleness_timeout_s=1e9)
     for r in candidates:
@@ -280,23 +279,33 @@ def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: s
             pure_views[i] = dataclasses.replace(pure_views[i])
             fleet.set_view(i, pure_views[i])
 
-        def one_changed(need: Any) -> Any:
-            router._views.pop(rids[churn.randrange(n)], None)
-            return router.rank_for(candidates, need)
+        # Ray hands rank_for the same candidate list object until its next broadcast of
+        # replicas, which brings a new list (rank_for then takes a full pass).
+        live = [candidates]
 
-        def all_changed(need: Any) -> Any:
+        def placed() -> None:
+            # choose_replicas records each decision's pick in the ledger: one replica's
+            # placements change per decision (one request id per replica keeps it bounded).
+            rid = rids[churn.randrange(n)]
+            cluster.ledger.routed(f"bench-{rid}", rid, "bench-ck", weights_bytes=1 << 20, now_s=0.0)
+
+        def all_changed() -> None:
             router._views.clear()
-            return router.rank_for(candidates, need)
+            live[0] = list(candidates)
 
         def broadcast() -> None:
-            # Ray's broadcast after one replica's report: every replica's stats arrive as a
-            # new dict; one is a new report, the others copies of the last one.
+            # Ray's broadcast after one replica's report: a new candidate list, and every
+            # replica's stats in a new dict; one is a new report, the others copies of the last.
             j = churn.randrange(n)
             for k, c in enumerate(candidates):
                 stats = dict(c.routing_stats)
                 if k == j:
                     stats["report_seq"] = next(_REPORT_SEQ)
                 c._info = (c._info[0], stats)
+            live[0] = list(candidates)
+
+        def shell(need: Any) -> Any:
+            return router.rank_for(live[0], need)
 
         layers: dict[str, Callable[[Any], Any]] = {
             "rank": lambda need: rank(overlaid, need, spill_queue_len=spill_queue_len),
@@ -304,11 +313,13 @@ def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: s
                                                               queue_lens=queues),
             "FleetIndex 1 fresh": lambda need: fleet.rank(need, queues, spill_queue_len=spill_queue_len,
                                                           limit=_RANK_LIMIT),
-            "rank_for steady": lambda need: router.rank_for(candidates, need),
-            "rank_for 1 changed": one_changed,
-            "rank_for all changed": all_changed,
-            "rank_for broadcast": lambda need: router.rank_for(candidates, need),
+            "rank_for steady": shell,
+            "rank_for 1 placed": shell,
+            "rank_for all changed": shell,
+            "rank_for broadcast": shell,
         }
+        prepares = {"rank_indices 1 fresh": fresh_view, "FleetIndex 1 fresh": fresh_view,
+                    "rank_for 1 placed": placed, "rank_for all changed": all_changed, "rank_for broadcast": broadcast}
         row: dict[str, Any] = {
             "replicas": n,
             "entries_per_report_mean": statistics.fmean(len(r["entries"]) for r in cluster.reports.values()),
@@ -323,29 +334,33 @@ def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: s
         for layer, fn in layers.items():
             # Size the sample to the time budget: a probe of 20 calls sets the count.
             probe = [catalog[zipf.draw(need_rng)].need for _ in range(20)]
+            prepare = prepares.get(layer)
             t0 = time.perf_counter()
             for need in probe:
+                if prepare is not None:
+                    prepare()
                 fn(need)
             per = (time.perf_counter() - t0) / len(probe)
             count = int(max(200, min(20000, budget_s / max(per, 1e-9))))
             needs = [catalog[zipf.draw(need_rng)].need for _ in range(count)]
             gc.collect()
-            prepare = {"rank_indices 1 fresh": fresh_view, "FleetIndex 1 fresh": fresh_view,
-                       "rank_for broadcast": broadcast}.get(layer)
             row["layers"][layer] = summarize(time_calls(fn, needs, warmup=min(100, count // 10), prepare=prepare))
         # The real rank against the independent reference on the same inputs, and rank_for
         # against rank (same order of replica ids).
         needs = [catalog[zipf.draw(need_rng)].need for _ in range(300)]
         prepared = [reference.prepare(v) for v in overlaid]
+        exact_router, candidates = make_router(cluster, spill_queue_len, tie_window=n + 1)
+        now = [cluster.ledger.overlay(v) for v in views]
         row["equal_to_reference"] = {
             "decisions": len(needs),
             "rank": sum(reference.check_equal(rank(overlaid, nd, spill_queue_len=spill_queue_len),
                                               reference.rank_fast(prepared, nd, spill_queue_len=spill_queue_len))
                         for nd in needs),
             # rank_for returns the first rank_limit places (FleetIndex); the rest of rank's
-            # order is not asked for.
-            "rank_for": sum([c[0].replica_id.unique_id for c in router.rank_for(candidates, nd)]
-                            == [p.replica_id for p in rank(overlaid, nd, spill_queue_len=spill_queue_len)][:_RANK_LIMIT]
+            # order is not asked for. Over the ledger as the layers left it, and with a tie
+            # window past the fleet size (exact queue order in every tie group).
+            "rank_for": sum([c[0].replica_id.unique_id for c in exact_router.rank_for(candidates, nd)]
+                            == [p.replica_id for p in rank(now, nd, spill_queue_len=spill_queue_len)][:_RANK_LIMIT]
                             for nd in needs),
         }
         results.append(row)
@@ -354,11 +369,12 @@ def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: s
             needs = [catalog[zipf.draw(need_rng)].need for _ in range(300)]
             prof.enable()
             for need in needs:
-                layers["rank_for 1 changed"](need)
+                placed()
+                layers["rank_for 1 placed"](need)
             prof.disable()
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
-            profile_text = (f"cProfile of 300 rank_for decisions (1 view rebuilt each) at {n} replicas "
+            profile_text = (f"cProfile of 300 rank_for decisions (1 placement before each) at {n} replicas "
                             "(sorted by tottime):\n" + buf.getvalue())
     return {"results": results, "profile": profile_text}
 
@@ -382,12 +398,13 @@ def to_markdown(out: dict[str, Any]) -> str:
               "decision (set_view untimed, the re-scoring it causes timed); "
               "`rank_for steady` = "
               "MemoryAwareRequestRouter.rank_for with its view cache warm (no report or placement changed since the "
-              "last decision); `rank_for 1 changed` = one replica's view rebuilt per decision (one new report or "
-              "one placement per decision: the common case under load); `rank_for all changed` = every view "
-              "rebuilt from its report and the ledger per decision (the worst case); `rank_for broadcast` = before "
-              "each decision (untimed) every replica's stats dict replaced, as Ray's broadcast after any one "
-              "replica's report delivers them, one of them a new report (new `report_seq`): the router keeps the "
-              "other views (before `report_seq` it rebuilt them all, as in `all changed`).", "",
+              "last decision; Ray passes the same candidate list until its next broadcast, and rank_for then "
+              "re-views only what its ledger touched); `rank_for 1 placed` = before each decision (untimed) the "
+              "ledger records a placement on one replica, as choose_replicas does per decision (the common case); "
+              "`rank_for all changed` = every view rebuilt from its report and the ledger per decision (the worst "
+              "case); `rank_for broadcast` = before each decision (untimed) a new candidate list and every "
+              "replica's stats dict replaced, as Ray's broadcast after any one replica's report delivers them, one "
+              "of them a new report (new `report_seq`): a full pass that keeps the other views.", "",
               "| replicas | rank equal to reference | rank_for order equal to rank |", "|---:|---:|---:|"]
     for r in out["results"]:
         e = r["equal_to_reference"]
@@ -426,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if at100:
         stateless = at100["layers"]["rank_indices 1 fresh"]["p50_us"]
         pure = at100["layers"]["FleetIndex 1 fresh"]["p50_us"]
-        shell = at100["layers"]["rank_for 1 changed"]["p50_us"]
+        shell = at100["layers"]["rank_for 1 placed"]["p50_us"]
         worst = at100["layers"]["rank_for all changed"]["p50_us"]
         bcast = at100["layers"]["rank_for broadcast"]["p50_us"]
         out["target_met_at_100"] = pure <= TARGET_US_AT_100
@@ -434,8 +451,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           f"router's hot path, one view new per decision) takes p50 {pure:.1f} us: target "
                           f"{'met' if pure <= TARGET_US_AT_100 else 'MISSED'} ({TARGET_US_AT_100:.0f} us); the "
                           f"stateless rank_indices (whole order) p50 {stateless:.1f} us. "
-                          f"The whole Ray-shell decision (rank_for, one view rebuilt, Ray's ReplicaID and queue-length "
-                          f"cache) takes p50 {shell:.1f} us; with every view rebuilt (every report new) p50 {worst:.1f} us; "
+                          f"The whole Ray-shell decision (rank_for, one placement since the last, Ray's ReplicaID and "
+                          f"queue-length cache) takes p50 {shell:.1f} us; with every view rebuilt (every report new) p50 {worst:.1f} us; "
                           f"the first decision after a Ray broadcast (every stats dict new, one new report) p50 "
                           f"{bcast:.1f} us.")
     dest = Path(a.out)

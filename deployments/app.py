@@ -33,7 +33,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         ray_actor_options={"num_gpus": r.num_gpus, "num_cpus": r.num_cpus},
         request_router_config=RequestRouterConfig(
             request_router_class=REQUEST_ROUTER_CLASS,
-            request_router_kwargs={"spill_queue_len": r.spill_queue_len, "holder_wait_s": r.holder_wait_s},
+            request_router_kwargs={"spill_queue_len": r.spill_queue_len, "holder_wait_s": r.holder_wait_s,
+                                   "rank_limit": r.rank_limit, "tie_window": r.tie_window},
             request_routing_stats_period_s=r.routing_stats_period_s,
             request_routing_stats_timeout_s=r.routing_stats_timeout_s,
         ),

@@ -33,6 +33,15 @@ class ReplicaSettings(BaseModel):
                     "request for a checkpoint some replica holds waits for that replica (or one with free room) "
                     "before another replica may evict to load it. 0: never wait. Once measured, the router compares "
                     "the expected wait at the holder with the expected load elsewhere instead.")
+    rank_limit: int = Field(
+        default=16, ge=1,
+        description="Replicas ranked per placement decision, best first. Ray sends to the first with queue room "
+                    "and backs off when none of them has room.")
+    tie_window: int = Field(
+        default=256, ge=1,
+        description="Among more than this many replicas that serve a request equally well (e.g. all with free "
+                    "room), the least loaded is sought within a window of this many, which rotates per decision; "
+                    "up to this many are ranked exactly. Larger: closer to exact, slower at many replicas.")
     fault_injection: bool = Field(
         default=False,
         description="TEST SEAM (deployments/faults.py): lets ModelReplica.inject_faults arm injected out-of-memory "

@@ -4,10 +4,11 @@
 dict lookups and one int per replica, then a sort). At 256 replicas that loop is most of a
 decision. FleetIndex keeps, per size class (``Need.size_key``: fine-tunes of one
 architecture share it), every replica's answer for a checkpoint it does not hold, sorted by
-the part of the sort key that does not move with queues. A decision then scores the few
-holders of the checkpoint and walks that sorted list only until it has ``limit`` places:
-what :func:`rank_indices` gives, cut to its first ``limit`` (ties, as there, by queue
-length then slot).
+the part of the sort key that does not move with queues. A decision then scores the
+holders of the checkpoint (an index by name), stops there when ``limit`` of them on their
+device or host are below the spill line, and else walks that sorted list only until it has
+``limit`` places: what :func:`rank_indices` gives, cut to its first ``limit`` (ties, as
+there, by queue length then slot). Queue lengths are read only where the walk goes.
 
 Upkeep is lazy: :meth:`set_view` appends the slot to a change log, and a size class re-sorts
 only the slots changed since it was last asked for, on its next decision.
@@ -15,9 +16,11 @@ only the slots changed since it was last asked for, on its next decision.
 Caveats:
 - A decision still costs O(replicas) when few replicas qualify: when most are spilled
   (queue at or above ``spill_queue_len``) or dropped by the holder gate, the walk reaches
-  the end of the list.
+  the end of the list. It costs O(holders) dict lookups for a checkpoint many replicas hold.
 - ``limit`` trades the tail of the order for speed: the Ray shell sends to the first place
   with queue room and backs off when none of the ``limit`` has room, as when none at all has.
+- Among more than ``tie_window`` equal replicas the queue order is exact only within a
+  rotating window (see :meth:`FleetIndex.rank`).
 """
 
 from __future__ import annotations
@@ -50,12 +53,20 @@ class FleetIndex:
     Not thread-safe: one router event loop owns it, as it owns the ledger.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tie_window: int = 256) -> None:
+        """``tie_window``: members of one group of equal replicas ranked by queue length per
+        decision (see :meth:`rank`); a group this size or smaller is ranked exactly. 256:
+        exact for fleets of up to 256 replicas (bench/sim: a rotating window of 64 there
+        changed outcomes and was slower); bounded reads of Ray's queue cache beyond."""
+        if tie_window < 1:
+            raise ValueError(f"tie_window must be >= 1, got {tie_window}")
+        self._tie_window = tie_window
         self._views: list[ReplicaView | None] = []
         self._holders: dict[str, set[int]] = {}  # checkpoint -> slots whose view has an entry for it
         self._classes: dict[str, _SizeClass] = {}
         self._log: list[int] = []  # slots changed, oldest first
         self._log_start = 0  # absolute position of _log[0]
+        self._turn = 0  # rotates where a walk of a large tie group starts
 
     def __len__(self) -> int:
         return len(self._views)
@@ -165,7 +176,14 @@ class FleetIndex:
         ``queue_lens`` has one entry per slot, each in [0, 2**32), and is read only at the
         slots a decision visits (a lazy sequence works). ``min_queue_len``: a lower bound of
         them (0 is always right); a tighter one lets a decision stop earlier in a large
-        group of equal replicas (ties go by queue length)."""
+        group of equal replicas (ties go by queue length).
+
+        Caveat, the one departure from rank_indices: within a group of more than
+        ``tie_window`` (256) replicas with equal static scores (typically many with free room
+        for the need), the order by queue length is exact only within a window of that many
+        of them, which starts at a different member each time such a group is walked; the
+        window grows only when too few of it qualify. Ranking all of them exactly would
+        read every queue length, each a read of Ray's cache: the cost this index avoids."""
         views = self._views
         if spill_queue_len < 1:
             raise ValueError(f"spill_queue_len must be >= 1, got {spill_queue_len}")
@@ -182,10 +200,8 @@ class FleetIndex:
         holders = self._holders.get(need.checkpoint)
 
         # Holders: scored per checkpoint (their view's score_memo), as rank_indices does.
-        hkeys: list[int] = []
-        hscores: list[_Score] = []
-        best_wait_s: float | None = _INF
-        any_held = False
+        held: list[tuple[int, int]] = []  # (static base, slot) of holders that can serve
+        hscores: dict[int, _Score] = {}
         if holders:
             memo_key = need.memo_key
             for slot in holders:
@@ -193,72 +209,113 @@ class FleetIndex:
                 s = v.score_memo.get(memo_key, _MISS)
                 if s is _MISS:
                     s = _fill_memo(v, need, v.score_memo, memo_key)
-                if s is None:
-                    continue
-                q = queue_lens[slot]
-                if not min_queue_len <= q <= _FIELD_MASK:
-                    raise _bad_queue(q, min_queue_len)
-                hkeys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0))
-                hscores.append(s)
-                if s.rank <= _ON_HOST:
-                    any_held = True
-                    if best_wait_s is not None:
-                        if s.fixed_s is None:
-                            best_wait_s = None
-                        else:
-                            best_wait_s = min(best_wait_s, q * v.inference_s + s.fixed_s)
+                if s is not None:
+                    held.append((s.base, slot))
+                    hscores[slot] = s
+            held.sort()
+            # A holder on its device or host that is below the spill line places before every
+            # other replica (they rank FITS or worse) and passes the holder gate: when want of
+            # them are certain, the decision is made without reading every holder's queue
+            # (a popular checkpoint has many holders) or looking at anyone else.
+            first = [h for h in held if hscores[h[1]].rank <= _ON_HOST]
+            ranked, spilled = self._walk(first, None, hscores, queue_lens, spill_queue_len, want, _NO_GATE,
+                                         evict_for_held, min_queue_len, _NO_STOP)
+            if spilled is None:
+                ranked.sort()
+                return [k & _FIELD_MASK for k in ranked[:want]]
+
+        hkeys: list[int] = []
+        best_wait_s: float | None = _INF
+        any_held = False
+        for base, slot in held:
+            s = hscores[slot]
+            q = queue_lens[slot]
+            if not min_queue_len <= q <= _FIELD_MASK:
+                raise _bad_queue(q, min_queue_len)
+            hkeys.append(base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0))
+            if s.rank <= _ON_HOST:
+                any_held = True
+                if best_wait_s is not None:
+                    if s.fixed_s is None:
+                        best_wait_s = None
+                    else:
+                        best_wait_s = min(best_wait_s, q * views[slot].inference_s + s.fixed_s)
         gate = any_held and (best_wait_s is not None or not evict_for_held)
         if gate:
-            hkeys = _gate(hkeys, hscores, views, queue_lens, best_wait_s, evict_for_held)
-
-        ranked = self._non_holders(cls, holders, queue_lens, spill_queue_len, want,
-                                   best_wait_s if gate else _NO_GATE, evict_for_held, min_queue_len)
+            hkeys = _gate(hkeys, [hscores[slot] for _, slot in held], views, queue_lens, best_wait_s, evict_for_held)
+        # Past this base the gate keeps no non-holder: without measured times and before
+        # evict_for_held, only a replica with free room is kept.
+        stop = _AFTER_FITS if gate and best_wait_s is None and not evict_for_held else _NO_STOP
+        ranked, spilled = self._walk(cls.order, holders, cls.scores, queue_lens, spill_queue_len, want,
+                                     best_wait_s if gate else _NO_GATE, evict_for_held, min_queue_len, stop)
+        if spilled is not None:  # fewer than want places below the spill line: the spilled ones follow
+            ranked.extend(spilled)
         ranked.extend(hkeys)
         ranked.sort()
         return [k & _FIELD_MASK for k in ranked[:want]]
 
-    def _non_holders(self, cls: _SizeClass, holders: set[int] | None, queue_lens: Sequence[int],
-                     spill_queue_len: int, want: int, best_wait_s: float | None | object,
-                     evict_for_held: bool, qmin: int) -> list[int]:
-        """Sort keys of the non-holders that can be in the first ``want`` places (spilled
-        ones only when fewer than ``want`` are not), unsorted. ``best_wait_s`` _NO_GATE:
-        the holder gate is off."""
-        views, scores = self._views, cls.scores
+    def _walk(self, order: list[tuple[int, int]], skip: set[int] | None, scores: Sequence[_Score | None] | dict,
+              queue_lens: Sequence[int], spill_queue_len: int, want: int, best_wait_s: float | None | object,
+              evict_for_held: bool, qmin: int, stop: int) -> tuple[list[int], list[int] | None]:
+        """Sort keys (unsorted) of the replicas in ``order`` (ascending (static base, slot),
+        less ``skip``) that can be in the first ``want`` places: (keys below the spill line,
+        None) once ``want`` of those are certain, else (those, the spilled keys) after the
+        whole list or at the first base >= ``stop``. ``best_wait_s`` _NO_GATE: the holder
+        gate is off; else ``scores[slot]`` feeds it."""
+        views = self._views
         gate = best_wait_s is not _NO_GATE
-        # Past this base the gate keeps no non-holder: without measured times and before
-        # evict_for_held, only a replica with free room is kept.
-        stop = _AFTER_FITS if gate and best_wait_s is None and not evict_for_held else _NO_STOP
-        # The static order. Members of a tie group (equal base) order by queue length, then
+        # A tie group (equal base) at a time. Members of a group order by queue length, then
         # slot: a group is walked until ``want`` places are certain, which is when the places
         # before it plus its members at the smallest queue length (qmin: none can beat them)
-        # reach ``want``; a light load's big group of empty replicas stops early that way.
+        # reach ``want``; a light load's big group of empty replicas stops early that way. A
+        # group larger than tie_window is the exception (see rank).
+        window = self._tie_window
+        n = len(order)
         ranked: list[int] = []
         spilled: list[int] = []
-        group, before, at_qmin = -1, 0, 0
-        for base, slot in cls.order:
-            if base != group:
-                if len(ranked) >= want:
-                    return ranked
-                if base >= stop:
-                    break
-                group, before, at_qmin = base, len(ranked), 0
-            if holders and slot in holders:
-                continue
-            q = queue_lens[slot]
-            if not qmin <= q <= _FIELD_MASK:
-                raise _bad_queue(q, qmin)
-            if gate and not _keep(scores[slot], q, views[slot], best_wait_s, evict_for_held):
-                continue
-            if q < spill_queue_len:
-                ranked.append(base | (q << _FIELD_BITS) | slot)
-                if q == qmin:
-                    at_qmin += 1
-                    if before + at_qmin >= want:
-                        return ranked
+        i = 0
+        while i < n:
+            base = order[i][0]
+            if len(ranked) >= want:
+                return ranked, None
+            if base >= stop:
+                break
+            end = i + 1
+            if end < n and order[end][0] == base:
+                end = bisect_left(order, (base + 1,), i)
+            if end - i > window:
+                # Walk from a rotating start (wrapping) and stop once ``window`` members
+                # are seen and want places found: least queue within that window.
+                self._turn += 1
+                start = i + self._turn % (end - i)
+                members, capped = order[start:end] + order[i:start], True
             else:
-                spilled.append(base | (q << _FIELD_BITS) | slot | _SPILLED)
-        ranked.extend(spilled)  # fewer than want places below the spill line: the spilled ones follow
-        return ranked
+                members, capped = order[i:end], False
+            before, at_qmin, seen = len(ranked), 0, 0
+            for _, slot in members:
+                if capped:
+                    seen += 1
+                    if seen > window and len(ranked) >= want:
+                        return ranked, None
+                if skip and slot in skip:
+                    continue
+                q = queue_lens[slot]
+                if not qmin <= q <= _FIELD_MASK:
+                    raise _bad_queue(q, qmin)
+                if gate and not _keep(scores[slot], q, views[slot], best_wait_s, evict_for_held):
+                    continue
+                if q < spill_queue_len:
+                    ranked.append(base | (q << _FIELD_BITS) | slot)
+                    if q == qmin:
+                        at_qmin += 1
+                        if before + at_qmin >= want:
+                            return ranked, None
+                else:
+                    spilled.append(base | (q << _FIELD_BITS) | slot | _SPILLED)
+            i = end
+        if len(ranked) >= want:
+            return ranked, None
+        return ranked, spilled
 
 
 def _bad_queue(q: int, min_queue_len: int) -> ValueError:

@@ -16,12 +16,15 @@ Pure: times are passed in (wall-clock seconds, since reports come from other pro
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import types
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Mapping
 
 from router.placement import EntryView, ReplicaView
+
+
+_LOG_MAX = 4096  # touches remembered for touched_since
 
 
 @dataclass
@@ -39,11 +42,21 @@ class Ledger:
         self._where: dict[str, str] = {}  # request id -> replica id
         self._versions: dict[str, int] = {}
         self._versions_view = types.MappingProxyType(self._versions)  # live, read-only
-        self._next_version = itertools.count(1)
+        self._last_version = 0
+        # Every touch, in order (versions consecutive): what touched_since reads. Bounded:
+        # the oldest half goes past _LOG_MAX, and a mark older than what is kept reads None.
+        self._log_versions: list[int] = []
+        self._log_replicas: list[str] = []
 
     def _touch(self, replica_id: str) -> None:
         # Versions are unique across replicas and never reused, even after replica_gone.
-        self._versions[replica_id] = next(self._next_version)
+        v = self._last_version = self._last_version + 1
+        self._versions[replica_id] = v
+        self._log_versions.append(v)
+        self._log_replicas.append(replica_id)
+        if len(self._log_versions) > _LOG_MAX:
+            del self._log_versions[:_LOG_MAX // 2]
+            del self._log_replicas[:_LOG_MAX // 2]
 
     def routed(self, request_id: str, replica_id: str, checkpoint: str, *, weights_bytes: int, now_s: float) -> None:
         """Record (or move) ``request_id``'s placement. Called when the router picks a replica
@@ -87,6 +100,21 @@ class Ledger:
     def version(self, replica_id: str) -> int:
         """Changes whenever ``replica_id``'s placements change (0: never had any)."""
         return self._versions.get(replica_id, 0)
+
+    def mark(self) -> int:
+        """The newest version handed out (0: none yet), for :meth:`touched_since`."""
+        return self._last_version
+
+    def touched_since(self, mark: int) -> list[str] | None:
+        """Replica ids whose placements changed after ``mark`` (an earlier :meth:`mark`),
+        oldest first, with repeats; None when the record no longer reaches back to ``mark``
+        (the caller must then treat every replica as changed)."""
+        versions = self._log_versions
+        if mark >= self._last_version:
+            return []
+        if not versions or versions[0] > mark + 1:
+            return None
+        return self._log_replicas[bisect_right(versions, mark):]
 
     @property
     def versions(self) -> Mapping[str, int]:

@@ -58,14 +58,14 @@ def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) ->
 
 class MemoryAwareRequestRouter(RequestRouter):
     def initialize_state(self, spill_queue_len: int = 4, holder_wait_s: float = 2.0, rank_limit: int = 16,
-                         **kwargs: Any) -> None:
+                         tie_window: int = 256, **kwargs: Any) -> None:
         self.init_routing_state(spill_queue_len=spill_queue_len, holder_wait_s=holder_wait_s, rank_limit=rank_limit,
-                                ledger=Ledger())
+                                tie_window=tie_window, ledger=Ledger())
         self._deployment = self._deployment_id.name
         ReportBoard.register_router_counters(self._deployment, self._counters)
 
     def init_routing_state(self, *, spill_queue_len: int, holder_wait_s: float, rank_limit: int,
-                           ledger: Ledger) -> None:
+                           ledger: Ledger, tie_window: int = 256) -> None:
         """The state rank_for reads, without Ray (initialize_state calls it; benchmarks and
         unit tests call it on an instance made without Ray's constructor)."""
         if int(spill_queue_len) < 1:
@@ -81,17 +81,26 @@ class MemoryAwareRequestRouter(RequestRouter):
         # Views by slot, kept across decisions: a decision re-scores only the views that
         # changed since its size class was last asked for. A slot per replica id; a freed
         # slot is reused.
-        self._fleet = FleetIndex()
+        self._fleet = FleetIndex(tie_window=int(tie_window))
         self._slots: dict[str, int] = {}
         self._free_slots: list[int] = []
-        # replica id -> (routing stats object, ledger version, overlaid view, report_seq): a
+        # The last full pass over the candidates (see rank_for): its candidate list, the
+        # replica per slot, the candidates without a report, decisions since, and the
+        # ledger's mark when this router last looked.
+        self._pass_of: list[RunningReplica] | None = None
+        self._by_slot: list[RunningReplica | None] = []
+        self._unreported: list[RunningReplica] = []
+        self._since_pass = 0
+        self._ledger_mark = 0
+        # replica id -> (routing stats object, ledger version, overlaid view, report_seq,
+        # view from the report alone): a
         # view is rebuilt only when its report or this router's placements on it change,
         # not per decision. Ray gives every replica a new stats dict on each broadcast
         # (measured: 4 replicas reporting every 1 s gave 13 new dicts/s for 3.25 new
         # reports/s), and a replica reports every period even when only time passed; a
         # replica's report_seq moves only when its state did (ModelReplica.memory_report),
         # and a view ranks by last-use times, which do not move with time alone.
-        self._views: dict[str, tuple[dict[str, Any], int, ReplicaView, Any]] = {}
+        self._views: dict[str, tuple[dict[str, Any], int, ReplicaView, Any, ReplicaView]] = {}
         # Shown in the ingress's /v1/status: decisions made and views built for them.
         self._counters = {"decisions": 0, "views_built": 0}
 
@@ -157,10 +166,45 @@ class MemoryAwareRequestRouter(RequestRouter):
 
     def rank_for(self, candidates: list[RunningReplica], need: Need,
                  evict_for_held: bool = True) -> list[list[RunningReplica]]:
+        """One rank per replica, best first, at most ``rank_limit`` of them (then the
+        replicas without a report yet, in one rank).
+
+        Per decision it looks only at what changed: Ray hands every call the same candidate
+        list object until its next broadcast of replicas (``update_replicas`` builds a new
+        one; routing stats change only that way), so with the same list only the replicas
+        this router's ledger touched since the last decision are re-viewed. A new list, or
+        every ``_FULL_PASS_EVERY`` decisions (a net under that reading of Ray), takes a full
+        pass over the candidates.
+        """
+        touched = None
+        if candidates is self._pass_of and self._since_pass < _FULL_PASS_EVERY:
+            touched = self._ledger.touched_since(self._ledger_mark)
+        built = self._full_pass(candidates) if touched is None else self._ledger_pass(touched)
+        self._since_pass += 1
+        counters = self._counters
+        counters["views_built"] += built
+        counters["decisions"] += 1
+        by_slot = self._by_slot
+        if not self._slots:
+            return self._rank_unreported(candidates, need)
+        order = self._fleet.rank(need, _QueueLens(by_slot, self.replica_queue_len_cache),
+                                 spill_queue_len=self._spill_queue_len, evict_for_held=evict_for_held,
+                                 limit=self._rank_limit)
+        ranks = [[by_slot[i]] for i in order]
+        if self._unreported:
+            ranks.append(list(self._unreported))
+        if not ranks:
+            # Fits no replica: send anyway so that a replica answers with the numbers
+            # instead of the request waiting here forever.
+            return [list(candidates)]
+        return ranks
+
+    def _full_pass(self, candidates: list[RunningReplica]) -> int:
+        """Re-read every candidate's report; returns the views built."""
         fleet, slots = self._fleet, self._slots
         by_slot: list[RunningReplica | None] = [None] * len(fleet)
         unreported = []
-        cache, versions = self._views, self._ledger.versions
+        cache, versions, ledger = self._views, self._ledger.versions, self._ledger
         built = seen = 0
         for r in candidates:
             stats = r.routing_stats
@@ -170,17 +214,21 @@ class MemoryAwareRequestRouter(RequestRouter):
             rid = r.replica_id.unique_id
             v = versions.get(rid, 0)
             cached = cache.get(rid)
-            if cached is not None and cached[0] is stats and cached[1] == v:
-                view = None  # unchanged: the fleet has it
-            elif cached is not None and cached[1] == v and cached[3] is not None and \
-                    cached[3] == stats.get("report_seq"):
-                # The same replica state in a new dict: a copy from Ray's broadcast, or a
-                # report where only time passed.
-                view = None
-                cache[rid] = (stats, v, cached[2], cached[3])
+            view = None  # None: the fleet has this replica's view
+            if cached is not None and (cached[0] is stats or (
+                    cached[3] is not None and cached[3] == stats.get("report_seq"))):
+                # The same report, or the same replica state in a new dict (a copy from Ray's
+                # broadcast, or a report where only time passed).
+                if cached[1] != v:
+                    view = ledger.overlay(cached[4])
+                    built += 1
+                    cache[rid] = (stats, v, view, cached[3], cached[4])
+                elif cached[0] is not stats:
+                    cache[rid] = (stats, v, cached[2], cached[3], cached[4])
             else:
-                view = self._ledger.overlay(view_from_report(rid, stats, 0))
-                cache[rid] = (stats, v, view, stats.get("report_seq"))
+                base = view_from_report(rid, stats, 0)
+                view = ledger.overlay(base)
+                cache[rid] = (stats, v, view, stats.get("report_seq"), base)
                 built += 1
             slot = slots.get(rid)
             if slot is None:
@@ -197,25 +245,30 @@ class MemoryAwareRequestRouter(RequestRouter):
             # not be ranked: free their slots (a returning replica takes a new one).
             for rid in [rid for rid, slot in slots.items() if by_slot[slot] is None]:
                 self._release_slot(rid)
-        if len(self._views) > 2 * len(candidates) + 8:  # replicas that left: drop their views
+        if len(cache) > 2 * len(candidates) + 8:  # replicas that left: drop their views
             live = {r.replica_id.unique_id for r in candidates}
-            self._views = {k: v for k, v in self._views.items() if k in live}
-        counters = self._counters
-        counters["views_built"] += built
-        counters["decisions"] += 1
-        if not seen:
-            return self._rank_unreported(candidates, need)
-        order = fleet.rank(need, _QueueLens(by_slot, self.replica_queue_len_cache),
-                           spill_queue_len=self._spill_queue_len, evict_for_held=evict_for_held,
-                           limit=self._rank_limit)
-        ranks = [[by_slot[i]] for i in order]
-        if unreported:
-            ranks.append(unreported)
-        if not ranks:
-            # Fits no replica: send anyway so that a replica answers with the numbers
-            # instead of the request waiting here forever.
-            return [list(candidates)]
-        return ranks
+            self._views = {k: v for k, v in cache.items() if k in live}
+        self._by_slot, self._unreported = by_slot, unreported
+        self._pass_of, self._since_pass, self._ledger_mark = candidates, 0, self._ledger.mark()
+        return built
+
+    def _ledger_pass(self, touched: list[str]) -> int:
+        """Re-view the replicas whose placements changed (same candidates, same reports)."""
+        built = 0
+        slots, cache, ledger = self._slots, self._views, self._ledger
+        for rid in dict.fromkeys(touched):
+            slot = slots.get(rid)
+            cached = cache.get(rid)
+            if slot is None or cached is None:
+                continue  # not a reported candidate: the next full pass sees it
+            v = ledger.version(rid)
+            if cached[1] != v:
+                view = ledger.overlay(cached[4])
+                cache[rid] = (cached[0], v, view, cached[3], cached[4])
+                self._fleet.set_view(slot, view)
+                built += 1
+        self._ledger_mark = ledger.mark()
+        return built
 
     def _take_slot(self, rid: str) -> int:
         slot = self._free_slots.pop() if self._free_slots else len(self._fleet)
@@ -227,6 +280,7 @@ class MemoryAwareRequestRouter(RequestRouter):
         if slot is not None:
             self._fleet.set_view(slot, None)
             self._free_slots.append(slot)
+            self._pass_of = None  # the next decision takes a full pass (by_slot is stale)
 
     def _rank_unreported(self, candidates: list[RunningReplica], need: Need) -> list[list[RunningReplica]]:
         """Startup, before any report: least queue length first, as Ray's default router
@@ -267,6 +321,9 @@ class _QueueLens:
             r = self._replicas[slot]
             q = self._read[slot] = (self._cache.get(r.replica_id) or 0) if r is not None else 0
         return q
+
+
+_FULL_PASS_EVERY = 64  # decisions between full passes over the same candidate list (see rank_for)
 
 
 def _need_of(pending_request: PendingRequest | None) -> Need | None:

@@ -77,6 +77,35 @@ def test_fleet_index_reads_queue_lengths_only_at_the_slots_it_visits():
     assert sorted(set(queues.read)) == [0, 1, 2]  # three zero-queue replicas settle the first three places
 
 
+def test_a_large_group_of_equal_replicas_is_ranked_by_queue_within_a_rotating_window():
+    walk = 64
+    fleet = FleetIndex(tie_window=walk)
+    for i in range(3 * walk):
+        fleet.set_view(i, view(f"r{i}"))  # all empty: one tie group (FITS, nothing to evict)
+    ones = [1] * (3 * walk)
+    firsts = [fleet.rank(need(), ones, limit=2)[0] for _ in range(3)]
+    assert len(set(firsts)) == 3  # each walk starts elsewhere: load spreads over the group
+    queues = list(ones)
+    queues[walk + 10] = 0  # idle: first if this decision's window covers it
+    got = fleet.rank(need(), queues, limit=2)
+    start = (fleet._turn % (3 * walk))
+    window = [(start + k) % (3 * walk) for k in range(walk)]
+    expected = sorted(window, key=lambda s: (queues[s], s))[:2]
+    assert got == expected
+    # Too few of the window qualify (the rest spilled, queue >= 4): the walk goes on.
+    queues = [5] * (3 * walk)
+    for s in (3, walk + 1, 2 * walk + 7):
+        queues[s] = 2
+    assert fleet.rank(need(), queues, limit=3) == [3, walk + 1, 2 * walk + 7]
+    # A group of exactly tie_window is ranked exactly, as rank_indices ranks it.
+    exact = FleetIndex(tie_window=walk)
+    views = [view(f"e{i}") for i in range(walk)]
+    for i, v in enumerate(views):
+        exact.set_view(i, v)
+    queues = [(i * 7) % 3 + 1 for i in range(walk)]
+    assert exact.rank(need(), queues, limit=5) == rank_indices(views, need(), queue_lens=queues)[:5]
+
+
 def test_fleet_index_emptied_slots_and_holders_follow_set_view():
     fleet = FleetIndex()
     fleet.set_view(0, view("a", used=40, x=("device", 40)))
@@ -117,6 +146,8 @@ def test_fleet_index_misuse_names_the_parameter():
         fleet.rank(need(), [1], min_queue_len=2)  # not a lower bound: would cut ties wrongly
     with pytest.raises(ValueError, match="min_queue_len must be >= 0"):
         fleet.rank(need(), [0], min_queue_len=-1)
+    with pytest.raises(ValueError, match="tie_window must be >= 1"):
+        FleetIndex(tie_window=0)
     with pytest.raises(ValueError, match="slot must be >= 0"):
         fleet.set_view(-1, view("b"))
     with pytest.raises(ValueError, match="'x' has no estimate at dtype 'bfloat16'"):

@@ -463,6 +463,56 @@ def test_rank_for_keeps_a_view_when_a_broadcast_brings_the_same_report_in_a_new_
     assert router._views["b"][2] is not unnumbered  # cannot tell it is the same report: rebuilt
 
 
+def test_rank_for_with_the_same_candidate_list_re_views_only_what_the_ledger_touched():
+    """Ray hands the same candidate list object until its next broadcast: rank_for then
+    re-views only the replicas whose placements changed, and takes a full pass on a new
+    list (a broadcast) or every _FULL_PASS_EVERY decisions."""
+    from router import request_router
+
+    reps = [_FakeRunningReplica(f"r{i}", _report(100)) for i in range(4)]
+    router = _router(reps)
+    ids = lambda ranks: [[r.replica_id.unique_id for r in rank_] for rank_ in ranks]  # noqa: E731
+    listed = list(reps)
+    assert ids(router.rank_for(listed, need("x")))[0] == ["r0"]
+    assert router._counters["views_built"] == 4
+    router._ledger.routed("q1", "r0", "big", weights_bytes=95, now_s=1.0)  # r0 is now full
+    assert ids(router.rank_for(listed, need("x")))[:2] == [["r1"], ["r2"]]
+    assert router._counters["views_built"] == 5  # r0's view alone
+    assert ids(router.rank_for(listed, need("x")))[:2] == [["r1"], ["r2"]]
+    assert router._counters["views_built"] == 5  # nothing touched: nothing rebuilt
+    # A report changes only through a broadcast, which brings a new list: seen then.
+    reps[1].routing_stats = _report(100, [("other", "device", 95)])
+    assert ids(router.rank_for(list(reps), need("x")))[:2] == [["r2"], ["r3"]]
+    assert router._counters["views_built"] == 6
+    # The periodic full pass: a change Ray made without a new list is seen within that many decisions.
+    listed = list(reps)
+    router.rank_for(listed, need("x"))
+    reps[2].routing_stats = _report(100, [("other", "device", 95)])
+    for _ in range(request_router._FULL_PASS_EVERY - 1):
+        assert ids(router.rank_for(listed, need("x")))[0] == ["r2"]
+    assert ids(router.rank_for(listed, need("x")))[0] == ["r3"]
+
+
+def test_ledger_touched_since_lists_changed_replicas_and_says_when_it_no_longer_knows():
+    from router import ledger as ledger_mod
+
+    ledger = Ledger()
+    assert ledger.mark() == 0 and ledger.touched_since(0) == []
+    ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)
+    mark = ledger.mark()
+    ledger.routed("2", "b", "x", weights_bytes=40, now_s=1.0)
+    ledger.completed("1", "a", now_s=2.0)
+    ledger.completed("1", "a", now_s=2.0)  # no change: no touch
+    assert ledger.touched_since(mark) == ["b", "a"]
+    assert ledger.touched_since(0) == ["a", "b", "a"]
+    assert ledger.touched_since(ledger.mark()) == []
+    for i in range(ledger_mod._LOG_MAX):
+        ledger.routed(f"m{i}", "c", "x", weights_bytes=40, now_s=3.0)
+    assert ledger.touched_since(mark) is None  # trimmed past it: everything may have changed
+    recent = ledger.mark() - 3
+    assert ledger.touched_since(recent) == ["c", "c", "c"]
+
+
 def test_victims_compare_by_last_use_so_the_age_of_a_report_does_not_matter():
     """Equal evict bytes: the replica whose victim was used longest ago goes first, by
     last-use time (reported_at_s - idle_s), whichever report is older; a later report of the

@@ -75,19 +75,31 @@ def test_deterministic_for_a_fixed_seed(small):
     assert _volatile_free(again) == _volatile_free(small)
 
 
+def outcome(res: dict, k: str) -> str:
+    """Policy ``k``'s simulated outcome, less wall-clock figures."""
+    m = {key: v for key, v in strip_private(res)["policies"][k].items() if key not in ("wall", "fast_rank_experiment")}
+    return json.dumps(m, sort_keys=True)
+
+
 def test_keeping_views_across_reports_where_only_time_passed_changes_no_outcome(small):
     """rank_for keeps a replica's view while its report_seq stays (only time passed): the
     simulation with every aged report rebuilt into a new view decides exactly the same."""
     rebuilt = simulate(scenario_from_args(parser().parse_args(["--small", "--policies", "acd", "--no-keep-views"])),
                        jobs=1)
 
-    def outcome(res: dict, k: str) -> str:
-        m = {key: v for key, v in strip_private(res)["policies"][k].items() if key not in ("wall", "fast_rank_experiment")}
-        return json.dumps(m, sort_keys=True)
-
     for k in "acd":
         assert outcome(rebuilt, k) == outcome(small, k), k
     assert small["policies"]["a"]["wall"]["reports_aged"] > 0  # reports where only time passed did occur
+
+
+def test_the_fleet_index_decides_as_the_stateless_whole_order_does(small):
+    """The router ranks with FleetIndex (the first rank_limit places, views kept across
+    decisions); the simulation with rank_indices' whole order instead decides the same."""
+    whole = simulate(scenario_from_args(parser().parse_args(["--small", "--policies", "acd", "--rank-limit", "0"])),
+                     jobs=1)
+
+    for k in "acd":
+        assert outcome(whole, k) == outcome(small, k), k
 
 
 @pytest.mark.parametrize("service_times", [True, False])

@@ -1,13 +1,14 @@
 """Discrete-event simulation of a replica fleet under four caching/routing policies.
 
 What is real and what is modeled:
-- REAL: router.placement.rank (policies a, c, d), router.ledger.Ledger overlays,
+- REAL: router.fleet_index.FleetIndex over router.placement's scoring (policies a, c, d;
+  ``rank_limit`` 0: the stateless rank_indices instead), router.ledger.Ledger overlays,
   router.request_router.view_from_report (views from reports), and one
   deployments.cache.PipelineCache per replica (all policies) doing all bookkeeping:
   LRU order, byte budgets, max_resident, host tier, pins, idle timers, counters; and one
   deployments.service_times.ServiceTimes per replica fed the simulated load and inference
-  durations, whose figures go into the reports (``service_times``), so the holder gate of
-  rank_indices runs as deployed, with ``evict_for_held`` once a request waited
+  durations, whose figures go into the reports (``service_times``), so the holder gate
+  runs as deployed, with ``evict_for_held`` once a request waited
   ``holder_wait_s``.
 - MODELED: the backend (bench/sim/backend.py) returns instantly; the seconds its loads
   and moves would take (bytes / bandwidth) are charged on the simulated clock. Inference
@@ -21,9 +22,9 @@ retried, oldest first, when a replica frees a slot. Device I/O is serialized per
 
 Router model for a, c, d (as router/request_router.py): every ``report_period_s`` each
 replica's cache.report() becomes its routing stats, the ledger forgets placements that
-report reflects, and per decision every replica's view is
-``ledger.overlay(view_from_report(report, queue_len))``; the request goes to the first
-ranked replica with queue room. The simulator keeps one Ledger per replica (every Ledger
+report reflects, and a replica's view is ``ledger.overlay(view_from_report(report))``
+with queue lengths beside it; the request goes to the first of the ``rank_limit`` ranked
+replicas with queue room, else waits. The simulator keeps one Ledger per replica (every Ledger
 method filters by replica id, so this is the same state as one shared Ledger) and reuses a
 replica's overlaid view until its report, queue length or ledger changes: the views
 ``rank`` sees are exactly those the router would build. A view is rebuilt when its
@@ -117,7 +118,8 @@ class Rep:
     base_view: ReplicaView | None = None
     view: ReplicaView | None = None
     view_of: tuple[ReplicaView | None, int] = (None, -1)  # (base view, ledger version) ``view`` was built from
-    dirty: bool = True
+    dirty: bool = True  # its view may need rebuilding (it is in Simulation._dirty_reps)
+    index: int = -1  # position in Simulation.reps (the FleetIndex slot)
     peak_report_bytes: int = 0
     report_overcommits: int = 0
     models: frozenset = frozenset()  # device-resident names (what Ray's multiplexed_model_ids reports)
@@ -183,7 +185,7 @@ class Simulation:
                                   max_resident=prof.max_resident_pipelines, host_tier=True)
             backend = SimBackend(sizes, capacity_bytes=budget, disk_bps=params.disk_gbps * 1e9,
                                  h2d_bps=params.h2d_gbps * 1e9, d2h_bps=params.d2h_gbps * 1e9)
-            self.reps.append(Rep(spec, PipelineCache(cfg, backend, self.clock), backend, Ledger()))
+            self.reps.append(Rep(spec, PipelineCache(cfg, backend, self.clock), backend, Ledger(), index=len(self.reps)))
         if any(not any(e[c.index] for e in self.eligible) for c in catalog):
             raise ValueError("some checkpoint fits no replica of the fleet; add a larger profile to --mix")
         self.events: list[tuple[float, int, int, Any]] = []
@@ -202,6 +204,13 @@ class Simulation:
         self.acquire_errors: dict[str, int] = {}
         self.samples: list[tuple[list[ReplicaView], Any]] = []
         self.index = FleetIndex() if params.rank_limit else None
+        self._dirty_reps: list[Rep] = list(self.reps)  # all start dirty
+        self._view_list: list[ReplicaView | None] = [None] * len(self.reps)
+
+    def _dirty(self, r: Rep) -> None:
+        if not r.dirty:
+            r.dirty = True
+            self._dirty_reps.append(r)
 
     # ---- event queue -------------------------------------------------------------------------
     ARRIVE, COMPLETE, REPORT, TICK = 0, 1, 2, 3
@@ -254,7 +263,7 @@ class Simulation:
                 r.base_view = self._view_from_report(r.spec.replica_id, stats, 0)
                 self.view_ns += time.perf_counter_ns() - t0
             r.ledger.report_arrived(r.spec.replica_id, now)
-            r.dirty = True
+            self._dirty(r)
 
     def _check_report(self, r: Rep, used: int, budget: int, counters: dict[str, int]) -> None:
         if used > r.peak_report_bytes:
@@ -263,24 +272,25 @@ class Simulation:
             r.report_overcommits += 1
 
     def _views(self) -> list[ReplicaView]:
-        """What rank_for builds per decision (router/request_router.py): each replica's
+        """What rank_for keeps (router/request_router.py): each replica's
         ``ledger.overlay(view_from_report(stats))``, rebuilt only when its report or its
-        ledger changed; queue lengths go beside the views (``rank_indices(queue_lens=)``).
+        ledger changed, and looked at only when something about the replica changed (rank_for
+        re-views only the replicas its ledger touched, and all on a broadcast, which comes with
+        every report period here); queue lengths go beside the views.
         """
         t0 = time.perf_counter_ns()
-        out = []
+        out = self._view_list
         index = self.index
-        for i, r in enumerate(self.reps):
-            if r.dirty:
-                of = (r.base_view, r.ledger.version(r.spec.replica_id))
-                if of[0] is not r.view_of[0] or of[1] != r.view_of[1]:
-                    r.view = r.ledger.overlay(r.base_view)
-                    r.view_of = of
-                    self.views_rebuilt += 1
-                    if index is not None:
-                        index.set_view(i, r.view)
-                r.dirty = False
-            out.append(r.view)
+        for r in self._dirty_reps:
+            of = (r.base_view, r.ledger.version(r.spec.replica_id))
+            if of[0] is not r.view_of[0] or of[1] != r.view_of[1]:
+                r.view = out[r.index] = r.ledger.overlay(r.base_view)
+                r.view_of = of
+                self.views_rebuilt += 1
+                if index is not None:
+                    index.set_view(r.index, r.view)
+            r.dirty = False
+        self._dirty_reps.clear()
         self.view_ns += time.perf_counter_ns() - t0
         return out
 
@@ -341,7 +351,7 @@ class Simulation:
             r.ledger.routed(job.key, r.spec.replica_id, job.ck.name, weights_bytes=job.ck.need.at(r.spec.profile.default_dtype)[0],
                             now_s=now)
         r.ongoing += 1
-        r.dirty = True
+        self._dirty(r)
         if r.running is None:
             self._start(r, job)
         else:
@@ -365,7 +375,7 @@ class Simulation:
         r.backend.drain()
         r.changed = True
         r.ongoing -= 1
-        r.dirty = True
+        self._dirty(r)
         if not self._route(job):
             self.pending.append(job)
         self._next(r)
@@ -404,7 +414,7 @@ class Simulation:
         elif job.served_from == "host":
             r.times.load("host", ck.weights_bytes, ck.weights_bytes / r.backend.h2d_bps)
         r.running = job
-        r.dirty = True
+        self._dirty(r)
         self._push(begin + io + job.infer_s, self.COMPLETE, r.spec.index)
 
     def _complete(self, r: Rep) -> None:
@@ -426,7 +436,7 @@ class Simulation:
         if self.uses_rank:
             r.ledger.completed(job.key, r.spec.replica_id, now_s=now)
         r.ongoing -= 1
-        r.dirty = True
+        self._dirty(r)
         self.done.append(job)
         self._latency.append(now - job.req.arrival_s)
         self._next(r)
@@ -446,7 +456,7 @@ class Simulation:
                 io = r.backend.drain()
                 if io:
                     r.io_free_s = now + io
-                r.dirty = True
+                self._dirty(r)
 
     # ---- main loop ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
