@@ -36,18 +36,27 @@ _NOBODY = "\x00memrouter:size-class"
 _MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
 
 
-class _SizeClass:
-    __slots__ = ("need", "order", "by_fixed", "scores", "log_pos", "required")
+class _Class:
+    """Views' static answers to one need, kept sorted. A size class (``holders_of`` None)
+    answers for a checkpoint nobody holds, over every slot; a holder class answers for
+    the checkpoint ``holders_of``, over the slots whose view has an entry for it."""
 
-    def __init__(self, need: Need):
-        self.need = Need(_NOBODY, need.weights_bytes, need.workspace_bytes)
+    __slots__ = ("need", "holders_of", "memo_key", "order", "by_fixed", "scores", "log_pos", "required")
+
+    def __init__(self, need: Need, holders_of: str | None):
+        self.holders_of = holders_of
+        self.need = need if holders_of is not None else Need(_NOBODY, need.weights_bytes, need.workspace_bytes)
+        # The views' memo this class's scores go in (shared with rank_indices, so neither
+        # scores twice): size_memo by size for a size class, score_memo by need for holders.
+        self.memo_key = need.size_key if holders_of is None else need.memo_key
         self.order: list[tuple[int, int]] = []  # (static base, slot), ascending; slots that can fit
-        # (fixed_s, slot) of the same slots, ascending (-1.0: not measured). Under the holder
-        # gate a non-holder is kept only below the best holder's wait, so the candidates are
-        # a prefix of this list, often a short one (bench/sim: median 36 of 243).
+        # Size classes only: (fixed_s, slot) of the same slots, ascending (-1.0: not
+        # measured). Under the holder gate a non-holder is kept only below the best
+        # holder's wait, so the candidates are a prefix of this list, often a short one
+        # (bench/sim: median 36 of 243).
         self.by_fixed: list[tuple[float, int]] = []
         self.required: dict[str, int] = {}  # dtype -> weights + workspace bytes
-        self.scores: list[_Score | None] = []  # by slot: the non-holder answer (None: never fits or empty)
+        self.scores: list[_Score | None] = []  # by slot (None: never fits, not a member, or empty)
         self.log_pos = -1  # absolute change-log position synced up to (-1: never built)
 
 
@@ -67,7 +76,8 @@ class FleetIndex:
         self._tie_window = tie_window
         self._views: list[ReplicaView | None] = []
         self._holders: dict[str, set[int]] = {}  # checkpoint -> slots whose view has an entry for it
-        self._classes: dict[str, _SizeClass] = {}
+        self._classes: dict[str, _Class] = {}  # Need.size_key -> size class
+        self._holder_classes: dict[str, _Class] = {}  # Need.memo_key -> holder class
         self._log: list[int] = []  # slots changed, oldest first
         self._log_start = 0  # absolute position of _log[0]
         self._turn = 0  # rotates where a walk of a large tie group starts
@@ -113,21 +123,27 @@ class FleetIndex:
             self._log_start += len(log)
             log.clear()
 
-    def _synced(self, need: Need) -> _SizeClass:
-        key = need.size_key
-        cls = self._classes.get(key)
+    def _synced(self, need: Need, holders_of: str | None = None) -> _Class:
+        """The size class of ``need`` (``holders_of`` None), or the holder class of the
+        checkpoint ``holders_of``, caught up with the change log."""
+        key = need.size_key if holders_of is None else need.memo_key
+        classes = self._classes if holders_of is None else self._holder_classes
+        cls = classes.get(key)
         if cls is None:
-            if len(self._classes) >= _MAX_CLASSES:
-                self._classes.clear()
-            cls = self._classes[key] = _SizeClass(need)
+            if len(classes) >= _MAX_CLASSES:
+                classes.clear()
+            cls = classes[key] = _Class(need, holders_of)
         views, end = self._views, self._log_start + len(self._log)
         if cls.log_pos == end and len(cls.scores) == len(views):
             return cls
         scores, order, by_fixed = cls.scores, cls.order, cls.by_fixed
         if len(scores) < len(views):
             scores.extend([None] * (len(views) - len(scores)))
-        if cls.log_pos < self._log_start:  # never built, or the log was cut past it: rebuild
-            slots = range(len(views))
+        members = None if holders_of is None else self._holders.get(holders_of, ())
+        if cls.log_pos < self._log_start or (members is not None and end - cls.log_pos > 4 * len(members) + 16):
+            # Never built, or the log was cut past it; or a holder class whose backlog is
+            # longer than rebuilding from its holders (a checkpoint seldom asked for): rebuild.
+            slots = range(len(views)) if members is None else sorted(members)
             order.clear()
             by_fixed.clear()
             scores[:] = [None] * len(views)
@@ -136,27 +152,29 @@ class FleetIndex:
         try:
             self._resync(cls, slots, need)
         except BaseException:
-            del self._classes[key]  # half-updated: rebuilt in full on its next use
+            del classes[key]  # half-updated: rebuilt in full on its next use
             raise
         cls.log_pos = end
         return cls
 
-    def _resync(self, cls: _SizeClass, slots, need: Need) -> None:
+    def _resync(self, cls: _Class, slots, need: Need) -> None:
         views, scores, order, by_fixed, required = self._views, cls.scores, cls.order, cls.by_fixed, cls.required
-        cneed, size_key = cls.need, need.size_key
+        cneed, memo_key, holders_of = cls.need, cls.memo_key, cls.holders_of
+        sized = holders_of is None
         for slot in slots:
             old = scores[slot]
             if old is not None:
                 i = bisect_left(order, (old.base, slot))
                 assert order[i][1] == slot, "FleetIndex order lost a slot: this is a bug"
                 del order[i]
-                i = bisect_left(by_fixed, (_fixed_key(old), slot))
-                assert by_fixed[i][1] == slot, "FleetIndex by_fixed lost a slot: this is a bug"
-                del by_fixed[i]
+                if sized:
+                    i = bisect_left(by_fixed, (_fixed_key(old), slot))
+                    assert by_fixed[i][1] == slot, "FleetIndex by_fixed lost a slot: this is a bug"
+                    del by_fixed[i]
             v = views[slot]
             if v is None:
                 s = None
-            else:
+            elif sized:
                 dtype = v.default_dtype
                 need_bytes = required.get(dtype)
                 if need_bytes is None:
@@ -168,14 +186,20 @@ class FleetIndex:
                 if need_bytes > v.budget_bytes:  # never fits this replica (_static's first test)
                     scores[slot] = None
                     continue
-                # The view's own size memo: shared with rank_indices, so neither scores twice.
-                s = v.size_memo.get(size_key, _MISS)
+                s = v.size_memo.get(memo_key, _MISS)
                 if s is _MISS:
-                    s = _fill_memo(v, cneed, v.size_memo, size_key)
+                    s = _fill_memo(v, cneed, v.size_memo, memo_key)
+            elif holders_of in v.entries:
+                s = v.score_memo.get(memo_key, _MISS)
+                if s is _MISS:
+                    s = _fill_memo(v, cneed, v.score_memo, memo_key)
+            else:
+                s = None
             scores[slot] = s
             if s is not None:
                 insort(order, (s.base, slot))
-                insort(by_fixed, (_fixed_key(s), slot))
+                if sized:
+                    insort(by_fixed, (_fixed_key(s), slot))
 
     def rank(self, need: Need, queue_lens: Sequence[int], *, spill_queue_len: int = 4,
              evict_for_held: bool = True, limit: int | None = None, min_queue_len: int = 0) -> list[int]:
@@ -208,27 +232,19 @@ class FleetIndex:
         cls = self._synced(need)
         holders = self._holders.get(need.checkpoint)
 
-        # Holders: scored per checkpoint (their view's score_memo), as rank_indices does.
+        # Holders: scored per checkpoint (their view's score_memo), as rank_indices does,
+        # and kept sorted across decisions as the size classes are.
         held: list[tuple[int, int]] = []  # (static base, slot) of holders that can serve
-        hscores: dict[int, _Score] = {}
+        hscores: Sequence[_Score | None] = ()
         if holders:
-            memo_key = need.memo_key
-            for slot in holders:
-                v = views[slot]
-                s = v.score_memo.get(memo_key, _MISS)
-                if s is _MISS:
-                    s = _fill_memo(v, need, v.score_memo, memo_key)
-                if s is not None:
-                    held.append((s.base, slot))
-                    hscores[slot] = s
-            held.sort()
+            hcls = self._synced(need, need.checkpoint)
+            held, hscores = hcls.order, hcls.scores
             # A holder on its device or host that is below the spill line places before every
             # other replica (they rank FITS or worse) and passes the holder gate: when want of
             # them are certain, the decision is made without reading every holder's queue
             # (a popular checkpoint has many holders) or looking at anyone else.
-            first = [h for h in held if hscores[h[1]].rank <= _ON_HOST]
-            ranked, spilled = self._walk(first, None, hscores, queue_lens, spill_queue_len, want, _NO_GATE,
-                                         evict_for_held, min_queue_len, _NO_STOP)
+            ranked, spilled = self._walk(held, None, hscores, queue_lens, spill_queue_len, want, _NO_GATE,
+                                         evict_for_held, min_queue_len, _AFTER_ON_HOST)
             if spilled is None:
                 ranked.sort()
                 return [k & _FIELD_MASK for k in ranked[:want]]
@@ -367,6 +383,7 @@ def _bad_queue(q: int, min_queue_len: int) -> ValueError:
 _NO_GATE = object()
 _NO_PREFIX = 1 << 62
 _AFTER_FITS = _rank_floor(_FITS + 1)
+_AFTER_ON_HOST = _rank_floor(_ON_HOST + 1)
 _NO_STOP = 1 << 1024
 _INF = float("inf")
 
