@@ -29,7 +29,7 @@ from bisect import bisect_left, insort
 from typing import Sequence
 
 from router.placement import (_FIELD_BITS, _FIELD_MASK, _FITS, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView,
-                              _fill_memo, _gate, _keep, _rank_floor, _Score)
+                              _fill_memo, _fits_score, _gate, _keep, _rank_floor, _Score)
 
 # A checkpoint name no view holds: a size class scores every view as a non-holder.
 _NOBODY = "\x00memrouter:size-class"
@@ -55,7 +55,7 @@ class _Class:
         # holder's wait, so the candidates are a prefix of this list, often a short one
         # (bench/sim: median 36 of 243).
         self.by_fixed: list[tuple[float, int]] = []
-        self.required: dict[str, int] = {}  # dtype -> weights + workspace bytes
+        self.required: dict[str, tuple[int, int]] = {}  # dtype -> (weights, weights + workspace) bytes
         self.scores: list[_Score | None] = []  # by slot (None: never fits, not a member, or empty)
         self.log_pos = -1  # absolute change-log position synced up to (-1: never built)
 
@@ -163,6 +163,37 @@ class FleetIndex:
         sized = holders_of is None
         for slot in slots:
             old = scores[slot]
+            v = views[slot]
+            if v is None:
+                s = None
+            elif sized:
+                dtype = v.default_dtype
+                sizes = required.get(dtype)
+                if sizes is None:
+                    try:
+                        weights, workspace = cneed.at(dtype)
+                    except ValueError:
+                        need.at(dtype)  # the same error, naming the checkpoint
+                        raise
+                    sizes = required[dtype] = (weights, weights + workspace)
+                if sizes[1] > v.budget_bytes:  # never fits this replica (_static's first test)
+                    s = None
+                else:
+                    s = _fits_score(v, *sizes)
+                    if s is None:
+                        s = v.size_memo.get(memo_key, _MISS)
+                        if s is _MISS:
+                            s = _fill_memo(v, cneed, v.size_memo, memo_key)
+            elif holders_of in v.entries:
+                s = v.score_memo.get(memo_key, _MISS)
+                if s is _MISS:
+                    s = _fill_memo(v, cneed, v.score_memo, memo_key)
+            else:
+                s = None
+            scores[slot] = s
+            if old is not None and s is not None and old.base == s.base and \
+                    (not sized or _fixed_key(old) == _fixed_key(s)):
+                continue  # the same place in both lists (a view that still fits, say)
             if old is not None:
                 i = bisect_left(order, (old.base, slot))
                 assert order[i][1] == slot, "FleetIndex order lost a slot: this is a bug"
@@ -171,31 +202,6 @@ class FleetIndex:
                     i = bisect_left(by_fixed, (_fixed_key(old), slot))
                     assert by_fixed[i][1] == slot, "FleetIndex by_fixed lost a slot: this is a bug"
                     del by_fixed[i]
-            v = views[slot]
-            if v is None:
-                s = None
-            elif sized:
-                dtype = v.default_dtype
-                need_bytes = required.get(dtype)
-                if need_bytes is None:
-                    try:
-                        need_bytes = required[dtype] = sum(cneed.at(dtype))
-                    except ValueError:
-                        need.at(dtype)  # the same error, naming the checkpoint
-                        raise
-                if need_bytes > v.budget_bytes:  # never fits this replica (_static's first test)
-                    scores[slot] = None
-                    continue
-                s = v.size_memo.get(memo_key, _MISS)
-                if s is _MISS:
-                    s = _fill_memo(v, cneed, v.size_memo, memo_key)
-            elif holders_of in v.entries:
-                s = v.score_memo.get(memo_key, _MISS)
-                if s is _MISS:
-                    s = _fill_memo(v, cneed, v.score_memo, memo_key)
-            else:
-                s = None
-            scores[slot] = s
             if s is not None:
                 insort(order, (s.base, slot))
                 if sized:

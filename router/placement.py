@@ -291,6 +291,19 @@ def _new_score(view: ReplicaView, need: Need) -> _Score | None:
     return s
 
 
+def _fits_score(view: ReplicaView, weights: int, required: int) -> _Score | None:
+    """A non-holder's score when ``required`` (weights + workspace) fits its free budget
+    without evicting, as :func:`_new_score` gives it; None otherwise (use _new_score). The
+    common answer, without the general path's calls (a size class re-scores every changed
+    view)."""
+    if view.budget_bytes - view.used_bytes < required or view.resident_count >= view.max_resident \
+            or required > view.budget_bytes:
+        return None
+    bps = view.disk_load_bytes_per_s
+    return _new_tuple(_Score, (_BASE_NO_EVICTION[_FITS], _FITS, 0, 0.0,
+                               weights / bps if view.inference_s > 0 and bps > 0 else None))
+
+
 def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,
             queue_lens: Sequence[int] | None) -> tuple[list[int], list[_Score], Sequence[int], list[int]]:
     """(sort keys, scores, queue lengths, holders) of every replica that could ever serve

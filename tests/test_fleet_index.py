@@ -16,7 +16,9 @@ def timed(rng, v: ReplicaView) -> ReplicaView:
     """A view with measured service times (or none), so that the holder gate runs."""
     if rng.random() < 0.2:
         return v
-    return dataclasses.replace(v, inference_s=rng.choice([0.5, 1.0, 3.0]),
+    # inference_s 0.0 with a load measured: a replica that loaded but has not finished an
+    # inference yet (its times do not count as measured).
+    return dataclasses.replace(v, inference_s=rng.choice([0.0, 0.5, 1.0, 3.0]),
                                disk_load_bytes_per_s=rng.choice([5.0, 20.0, 80.0]),
                                host_reload_bytes_per_s=rng.choice([50.0, 200.0]))
 
