@@ -100,21 +100,23 @@ class FleetIndex:
         old = views[slot]
         if old is view:
             return
-        if old is not None:
-            for name in old.entries:
-                held = self._holders.get(name)
-                if held is not None:
-                    held.discard(slot)
-                    if not held:
-                        del self._holders[name]
-        if view is not None:
-            holders = self._holders
-            for name in view.entries:
-                held = holders.get(name)
-                if held is None:
-                    holders[name] = {slot}
-                else:
-                    held.add(slot)
+        # The holder index follows the names that came or went (usually none: a new report
+        # or placement mostly changes sizes, idle times and use counts).
+        old_names = old.entries.keys() if old is not None else ()
+        new_names = view.entries.keys() if view is not None else ()
+        holders = self._holders
+        for name in (old_names - new_names if old is not None and view is not None else old_names):
+            held = holders.get(name)
+            if held is not None:
+                held.discard(slot)
+                if not held:
+                    del holders[name]
+        for name in (new_names - old_names if old is not None and view is not None else new_names):
+            held = holders.get(name)
+            if held is None:
+                holders[name] = {slot}
+            else:
+                held.add(slot)
         views[slot] = view
         log = self._log
         log.append(slot)

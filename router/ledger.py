@@ -148,7 +148,8 @@ class Ledger:
                 entries[p.checkpoint] = EntryView("device", p.weights_bytes, 0.0, int(p.completed_s is None))
                 used += p.weights_bytes
             elif p.completed_s is None:
-                entries[p.checkpoint] = dataclasses.replace(current, in_use=current.in_use + 1, idle_s=0.0)
+                # EntryView(...) rather than dataclasses.replace: an overlay runs per placement.
+                entries[p.checkpoint] = EntryView(current.tier, current.bytes, 0.0, current.in_use + 1)
         return dataclasses.replace(view, entries=entries, used_bytes=used)
 
     def __len__(self) -> int:
