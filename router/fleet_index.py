@@ -293,7 +293,7 @@ class FleetIndex:
         ranked.sort()
         return [k & _FIELD_MASK for k in ranked[:want]]
 
-    def _passing(self, cls: _SizeClass, prefix: int, holders: set[int] | None, queue_lens: Sequence[int],
+    def _passing(self, cls: _Class, prefix: int, holders: set[int] | None, queue_lens: Sequence[int],
                  spill_queue_len: int, best_wait_s: float, evict_for_held: bool, qmin: int) -> list[int]:
         """Sort keys (unsorted, spilled ones marked) of the non-holders among the first
         ``prefix`` of ``cls.by_fixed`` that pass the holder gate."""

@@ -15,7 +15,6 @@ Pure: times are passed in (wall-clock seconds, since reports come from other pro
 
 from __future__ import annotations
 
-import dataclasses
 import types
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -150,7 +149,7 @@ class Ledger:
             elif p.completed_s is None:
                 # EntryView(...) rather than dataclasses.replace: an overlay runs per placement.
                 entries[p.checkpoint] = EntryView(current.tier, current.bytes, 0.0, current.in_use + 1)
-        return dataclasses.replace(view, entries=entries, used_bytes=used)
+        return view.with_entries(entries, used)
 
     def __len__(self) -> int:
         return len(self._where)

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from router.fleet_index import FleetIndex
-from router.placement import EntryView, Need, ReplicaView, rank_indices
-from tests.test_placement import F16, need, random_views, view
+from router.placement import ReplicaView, rank_indices
+from tests.test_placement import need, random_views, view
 
 
 def timed(rng, v: ReplicaView) -> ReplicaView:

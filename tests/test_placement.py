@@ -141,6 +141,21 @@ def test_routed_again_moves_the_placement_and_completion_needs_the_same_replica(
     assert ledger.pending("b") == [("x", 0)]
 
 
+def test_with_entries_keeps_every_other_field_as_dataclasses_replace_does():
+    import dataclasses
+
+    v = ReplicaView("r", 100, 30, "bfloat16", {"a": EntryView("device", 30, 2.0, 1)}, 3, max_resident=5,
+                    inference_s=1.5, disk_load_bytes_per_s=2e9, host_reload_bytes_per_s=1e10, reported_at_s=99.0)
+    v.size_memo["k"] = "memo"
+    entries = {"b": EntryView("host", 7)}
+    got, expected = v.with_entries(entries, 7), dataclasses.replace(v, entries=entries, used_bytes=7)
+    assert [getattr(got, f.name) for f in dataclasses.fields(v)] == \
+        [getattr(expected, f.name) for f in dataclasses.fields(v)]  # memos included: both empty
+    # Every field set above differs from its default, so a field the helper forgot would show.
+    defaults = ReplicaView("x", 0, 0, "")
+    assert all(getattr(v, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(v) if f.init)
+
+
 def test_overlay_marks_resident_entry_in_use():
     ledger = Ledger()
     ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)
