@@ -85,11 +85,6 @@ class FleetIndex:
     def __len__(self) -> int:
         return len(self._views)
 
-    def view(self, slot: int) -> ReplicaView | None:
-        """The view at ``slot``; None for an empty slot or one past the end."""
-        views = self._views
-        return views[slot] if 0 <= slot < len(views) else None
-
     def set_view(self, slot: int, view: ReplicaView | None) -> None:
         """Put ``view`` at ``slot`` (None empties it). Cheap: classes catch up on their next use."""
         if slot < 0:
@@ -309,7 +304,7 @@ class FleetIndex:
                 keys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0))
         return keys
 
-    def _walk(self, order: list[tuple[int, int]], skip: set[int] | None, scores: Sequence[_Score | None] | dict,
+    def _walk(self, order: list[tuple[int, int]], skip: set[int] | None, scores: Sequence[_Score | None],
               queue_lens: Sequence[int], spill_queue_len: int, want: int, best_wait_s: float | None | object,
               evict_for_held: bool, qmin: int, stop: int) -> tuple[list[int], list[int] | None]:
         """Sort keys (unsorted) of the replicas in ``order`` (ascending (static base, slot),
