@@ -29,7 +29,7 @@ from bisect import bisect_left, insort
 from typing import Sequence
 
 from router.placement import (_FIELD_BITS, _FIELD_MASK, _FITS, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView,
-                              _fill_memo, _fits_score, _gate, _keep, _rank_floor, _Score)
+                              _best_wait_s, _fill_memo, _fits_score, _gate, _keep, _rank_floor, _Score)
 
 # A checkpoint name no view holds: a size class scores every view as a non-holder.
 _NOBODY = "\x00memrouter:size-class"
@@ -253,22 +253,14 @@ class FleetIndex:
                 return [k & _FIELD_MASK for k in ranked[:want]]
 
         hkeys: list[int] = []
-        best_wait_s: float | None = _INF
-        any_held = False
         for base, slot in held:
-            s = hscores[slot]
             q = queue_lens[slot]
             if not min_queue_len <= q <= _FIELD_MASK:
                 raise _bad_queue(q, min_queue_len)
             hkeys.append(base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0))
-            if s.rank <= _ON_HOST:
-                any_held = True
-                if best_wait_s is not None:
-                    if s.fixed_s is None:
-                        best_wait_s = None
-                    else:
-                        best_wait_s = min(best_wait_s, q * views[slot].inference_s + s.fixed_s)
-        gate = any_held and (best_wait_s is not None or not evict_for_held)
+        on_device_or_host = [slot for _, slot in held if hscores[slot].rank <= _ON_HOST]
+        best_wait_s = _best_wait_s((hscores[slot], queue_lens[slot], views[slot]) for slot in on_device_or_host)
+        gate = bool(on_device_or_host) and (best_wait_s is not None or not evict_for_held)
         if gate:
             hkeys = _gate(hkeys, [hscores[slot] for _, slot in held], views, queue_lens, best_wait_s, evict_for_held)
         # Past this base the gate keeps no non-holder: without measured times and before
@@ -388,5 +380,4 @@ _NO_PREFIX = 1 << 62
 _AFTER_FITS = _rank_floor(_FITS + 1)
 _AFTER_ON_HOST = _rank_floor(_ON_HOST + 1)
 _NO_STOP = 1 << 1024
-_INF = float("inf")
 

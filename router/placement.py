@@ -391,13 +391,8 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     assumes the queue ahead runs at that mean.
     """
     keys, scores, queue_lens, held = _scored(views, need, spill_queue_len, queue_lens)
-    best_wait_s: float | None = _INF
-    for j in held:
-        s, i = scores[j], keys[j] & _FIELD_MASK
-        if s.fixed_s is None:
-            best_wait_s = None
-            break
-        best_wait_s = min(best_wait_s, queue_lens[i] * views[i].inference_s + s.fixed_s)
+    best_wait_s = _best_wait_s((scores[j], queue_lens[keys[j] & _FIELD_MASK], views[keys[j] & _FIELD_MASK])
+                               for j in held)
     if held and (best_wait_s is not None or not evict_for_held):  # else the gate keeps every replica
         # Filtering before the sort: under load most non-holders drop out here.
         keys = _gate(keys, scores, views, queue_lens, best_wait_s, evict_for_held)
@@ -406,6 +401,18 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
 
 
 _INF = float("inf")
+
+
+def _best_wait_s(held) -> float | None:
+    """The holder gate's best wait over (score, queue length, view) of the holders on their
+    device or host: the least ``queue x inference_s + fixed_s``; None once one of them has
+    no measured times (the gate then goes by rank); inf for none."""
+    best = _INF
+    for s, q, v in held:
+        if s.fixed_s is None:
+            return None
+        best = min(best, q * v.inference_s + s.fixed_s)
+    return best
 
 
 def _gate(keys: list[int], scores: list[_Score], views: Sequence[ReplicaView], queue_lens: Sequence[int],

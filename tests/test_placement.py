@@ -415,6 +415,11 @@ def test_the_holder_gate_counts_a_host_reload_and_falls_back_to_ranks_without_ti
     untimed = [on_host, view("e", used=90, queue=0, a=("device", 90, 5.0))]
     assert [untimed[i].replica_id for i in rank_indices(untimed, need(), evict_for_held=False)] == ["h"]
     assert [untimed[i].replica_id for i in rank_indices(untimed, need())] == ["h", "e"]
+    # The holder unmeasured: no best wait to beat, so the rank rule decides even for a
+    # replica whose own times are measured.
+    untimed_holder = [view("h", used=0, queue=1, x=("host", 40)), evicts]
+    assert [untimed_holder[i].replica_id for i in rank_indices(untimed_holder, need(), evict_for_held=False)] == ["h"]
+    assert [untimed_holder[i].replica_id for i in rank_indices(untimed_holder, need())] == ["h", "e"]
 
 
 def test_service_times_follow_measurements_and_reject_nonsense():
