@@ -119,7 +119,6 @@ class Rep:
     view: ReplicaView | None = None
     view_of: tuple[ReplicaView | None, int] = (None, -1)  # (base view, ledger version) ``view`` was built from
     dirty: bool = True  # its view may need rebuilding (it is in Simulation._dirty_reps)
-    index: int = -1  # position in Simulation.reps (the FleetIndex slot)
     peak_report_bytes: int = 0
     report_overcommits: int = 0
     models: frozenset = frozenset()  # device-resident names (what Ray's multiplexed_model_ids reports)
@@ -185,7 +184,7 @@ class Simulation:
                                   max_resident=prof.max_resident_pipelines, host_tier=True)
             backend = SimBackend(sizes, capacity_bytes=budget, disk_bps=params.disk_gbps * 1e9,
                                  h2d_bps=params.h2d_gbps * 1e9, d2h_bps=params.d2h_gbps * 1e9)
-            self.reps.append(Rep(spec, PipelineCache(cfg, backend, self.clock), backend, Ledger(), index=len(self.reps)))
+            self.reps.append(Rep(spec, PipelineCache(cfg, backend, self.clock), backend, Ledger()))
         if any(not any(e[c.index] for e in self.eligible) for c in catalog):
             raise ValueError("some checkpoint fits no replica of the fleet; add a larger profile to --mix")
         self.events: list[tuple[float, int, int, Any]] = []
@@ -284,11 +283,11 @@ class Simulation:
         for r in self._dirty_reps:
             of = (r.base_view, r.ledger.version(r.spec.replica_id))
             if of[0] is not r.view_of[0] or of[1] != r.view_of[1]:
-                r.view = out[r.index] = r.ledger.overlay(r.base_view)
+                r.view = out[r.spec.index] = r.ledger.overlay(r.base_view)
                 r.view_of = of
                 self.views_rebuilt += 1
                 if index is not None:
-                    index.set_view(r.index, r.view)
+                    index.set_view(r.spec.index, r.view)  # spec.index: the position in reps
             r.dirty = False
         self._dirty_reps.clear()
         self.view_ns += time.perf_counter_ns() - t0
