@@ -349,7 +349,7 @@ def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: s
         # against rank (same order of replica ids).
         needs = [catalog[zipf.draw(need_rng)].need for _ in range(300)]
         prepared = [reference.prepare(v) for v in overlaid]
-        exact_router, candidates = make_router(cluster, spill_queue_len, tie_window=n + 1)
+        exact_router, exact_candidates = make_router(cluster, spill_queue_len, tie_window=n + 1)
         now = [cluster.ledger.overlay(v) for v in views]
         row["equal_to_reference"] = {
             "decisions": len(needs),
@@ -359,7 +359,7 @@ def run(sizes: list[int], *, seed: int, catalog_size: int, zipf_s: float, mix: s
             # rank_for returns the first rank_limit places (FleetIndex); the rest of rank's
             # order is not asked for. Over the ledger as the layers left it, and with a tie
             # window past the fleet size (exact queue order in every tie group).
-            "rank_for": sum([c[0].replica_id.unique_id for c in exact_router.rank_for(candidates, nd)]
+            "rank_for": sum([c[0].replica_id.unique_id for c in exact_router.rank_for(exact_candidates, nd)]
                             == [p.replica_id for p in rank(now, nd, spill_queue_len=spill_queue_len)][:_RANK_LIMIT]
                             for nd in needs),
         }
