@@ -308,16 +308,16 @@ def test_rank_for_reuses_views_until_the_report_or_the_ledger_changes():
     router = _router([a, b])
     ids = lambda ranks: [[r.replica_id.unique_id for r in rank_] for rank_ in ranks]  # noqa: E731
     assert ids(router.rank_for([a, b], need("x"))) == [["b"], ["a"]]  # b fits, a must evict
-    view_b = router._views["b"][2]
+    view_b = router._views["b"].view
     router.rank_for([a, b], need("x"))
-    assert router._views["b"][2] is view_b  # nothing changed: reused
+    assert router._views["b"].view is view_b  # nothing changed: reused
     router._ledger.routed("q1", "b", "y", weights_bytes=95, now_s=1.0)  # b is now full (ledger)
     assert ids(router.rank_for([a, b], need("x"))) == [["a"], ["b"]]
-    assert router._views["b"][2] is not view_b and "y" in router._views["b"][2].entries
+    assert router._views["b"].view is not view_b and "y" in router._views["b"].view.entries
     a.routing_stats = _report(100)  # a new report: a is empty now
     router._replica_queue_len_cache[a.replica_id] = 2
     assert ids(router.rank_for([a, b], need("x"))) == [["a"], ["b"]]
-    assert router._views["a"][2].used_bytes == 0
+    assert router._views["a"].view.used_bytes == 0
     unreported = _FakeRunningReplica("c", {})
     assert ids(router.rank_for([a, b, unreported], need("x")))[-1] == ["c"]
 
@@ -460,27 +460,27 @@ def test_rank_for_keeps_a_view_when_a_broadcast_brings_the_same_report_in_a_new_
     a = _FakeRunningReplica("a", dict(_report(100, [("big", "device", 90)]), report_seq=7))
     router = _router([a])
     router.rank_for([a], need("x"))
-    first = router._views["a"][2]
+    first = router._views["a"].view
     a.routing_stats = copy.deepcopy(a.routing_stats)  # the broadcast's copy of the same report
     router.rank_for([a], need("x"))
-    assert router._views["a"][2] is first
+    assert router._views["a"].view is first
     assert router._counters == {"decisions": 2, "views_built": 1}
-    assert router._views["a"][0] is a.routing_stats  # the copy is now the identity fast path
+    assert router._views["a"].stats is a.routing_stats  # the copy is now the identity fast path
     a.routing_stats = dict(copy.deepcopy(a.routing_stats), report_seq=8)  # a new report
     router.rank_for([a], need("x"))
-    second = router._views["a"][2]
+    second = router._views["a"].view
     assert second is not first
     router._ledger.routed("q1", "a", "y", weights_bytes=5, now_s=1.0)  # same report, new placement
     a.routing_stats = copy.deepcopy(a.routing_stats)
     router.rank_for([a], need("x"))
-    assert router._views["a"][2] is not second and "y" in router._views["a"][2].entries
+    assert router._views["a"].view is not second and "y" in router._views["a"].view.entries
     b = _FakeRunningReplica("b", _report(100))  # a report without report_seq
     router._replica_queue_len_cache[b.replica_id] = 0
     router.rank_for([b], need("x"))
-    unnumbered = router._views["b"][2]
+    unnumbered = router._views["b"].view
     b.routing_stats = copy.deepcopy(b.routing_stats)
     router.rank_for([b], need("x"))
-    assert router._views["b"][2] is not unnumbered  # cannot tell it is the same report: rebuilt
+    assert router._views["b"].view is not unnumbered  # cannot tell it is the same report: rebuilt
 
 
 def test_rank_for_with_the_same_candidate_list_re_views_only_what_the_ledger_touched():
