@@ -25,11 +25,12 @@ Caveats:
 
 from __future__ import annotations
 
+import struct
 from bisect import bisect_left, insort
 from typing import Sequence
 
-from router.placement import (_FIELD_BITS, _FIELD_MASK, _FITS, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView,
-                              _best_wait_s, _fill_memo, _fits_score, _gate, _keep, _rank_floor, _Score)
+from router.placement import (_FIELD_BITS, _FIELD_MASK, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView, _best_wait_s,
+                              _fill_memo, _FITS, _gate, _keep, _rank_floor, _Score, _size_score)
 
 # A checkpoint name no view holds: a size class scores every view as a non-holder.
 _NOBODY = "\x00memrouter:size-class"
@@ -41,20 +42,25 @@ class _Class:
     answers for a checkpoint nobody holds, over every slot; a holder class answers for
     the checkpoint ``holders_of``, over the slots whose view has an entry for it."""
 
-    __slots__ = ("need", "holders_of", "memo_key", "order", "by_fixed", "scores", "log_pos", "required")
+    __slots__ = ("need", "holders_of", "memo_key", "order", "by_fixed", "fixed_keys", "scores", "log_pos",
+                 "required")
 
     def __init__(self, need: Need, holders_of: str | None):
         self.holders_of = holders_of
         self.need = need if holders_of is not None else Need(_NOBODY, need.weights_bytes, need.workspace_bytes)
-        # The views' memo this class's scores go in (shared with rank_indices, so neither
-        # scores twice): size_memo by size for a size class, score_memo by need for holders.
-        self.memo_key = need.size_key if holders_of is None else need.memo_key
-        self.order: list[tuple[int, int]] = []  # (static base, slot), ascending; slots that can fit
-        # Size classes only: (fixed_s, slot) of the same slots, ascending (-1.0: not
-        # measured). Under the holder gate a non-holder is kept only below the best
-        # holder's wait, so the candidates are a prefix of this list, often a short one
-        # (bench/sim: median 36 of 243).
-        self.by_fixed: list[tuple[float, int]] = []
+        # Holder classes keep their scores in the views' score_memo too (shared with
+        # rank_indices, so neither scores twice). A size class scores a view once per
+        # change and keeps the score here: a memo would not be read again.
+        self.memo_key = need.memo_key
+        # static base | slot, ascending, of the slots that can fit: ints sort as the
+        # (base, slot) pairs would (a base's low 64 bits are 0), and compare faster.
+        self.order: list[int] = []
+        # Size classes only: (_fixed_image(fixed_s) << 32) | slot of the same slots, ascending.
+        # Under the holder gate a non-holder is kept only below the best holder's wait, so
+        # the candidates are a prefix of this list, often a short one (bench/sim: median
+        # 36 of 243).
+        self.by_fixed: list[int] = []
+        self.fixed_keys: dict[int, int] = {}  # slot -> its by_fixed entry (removal needs no float image)
         self.required: dict[str, tuple[int, int]] = {}  # dtype -> (weights, weights + workspace) bytes
         self.scores: list[_Score | None] = []  # by slot (None: never fits, not a member, or empty)
         self.log_pos = -1  # absolute change-log position synced up to (-1: never built)
@@ -131,32 +137,41 @@ class FleetIndex:
                 classes.clear()
             cls = classes[key] = _Class(need, holders_of)
         views, end = self._views, self._log_start + len(self._log)
-        if cls.log_pos == end and len(cls.scores) == len(views):
-            return cls
-        scores, order, by_fixed = cls.scores, cls.order, cls.by_fixed
+        try:
+            if cls.log_pos != end or len(cls.scores) != len(views):
+                self._catch_up(cls, need, end)
+        except BaseException:
+            del classes[key]  # half-updated: rebuilt in full on its next use
+            raise
+        return cls
+
+    def _catch_up(self, cls: _Class, need: Need, end: int) -> None:
+        """Bring ``cls`` to change-log position ``end``: the slots changed since, or all."""
+        views, scores, order = self._views, cls.scores, cls.order
         if len(scores) < len(views):
             scores.extend([None] * (len(views) - len(scores)))
+        holders_of = cls.holders_of
         members = None if holders_of is None else self._holders.get(holders_of, ())
         if cls.log_pos < self._log_start or (members is not None and end - cls.log_pos > 4 * len(members) + 16):
             # Never built, or the log was cut past it; or a holder class whose backlog is
             # longer than rebuilding from its holders (a checkpoint seldom asked for): rebuild.
             slots = range(len(views)) if members is None else sorted(members)
+            for key in order:  # the slots with a score (None: not in order)
+                scores[key & _FIELD_MASK] = None
             order.clear()
-            by_fixed.clear()
-            scores[:] = [None] * len(views)
+            cls.by_fixed.clear()
+            cls.fixed_keys.clear()
         else:
             slots = dict.fromkeys(self._log[cls.log_pos - self._log_start:])
-        try:
-            self._resync(cls, slots, need)
-        except BaseException:
-            del classes[key]  # half-updated: rebuilt in full on its next use
-            raise
+        self._resync(cls, slots, need)
         cls.log_pos = end
-        return cls
 
     def _resync(self, cls: _Class, slots, need: Need) -> None:
+        """Re-score the changed ``slots`` in ``cls`` and move them in its sorted lists."""
         views, scores, order, by_fixed, required = self._views, cls.scores, cls.order, cls.by_fixed, cls.required
+        fixed_keys = cls.fixed_keys
         cneed, memo_key, holders_of = cls.need, cls.memo_key, cls.holders_of
+        mask = _FIELD_MASK
         sized = holders_of is None
         for slot in slots:
             old = scores[slot]
@@ -173,14 +188,7 @@ class FleetIndex:
                         need.at(dtype)  # the same error, naming the checkpoint
                         raise
                     sizes = required[dtype] = (weights, weights + workspace)
-                if sizes[1] > v.budget_bytes:  # never fits this replica (_static's first test)
-                    s = None
-                else:
-                    s = _fits_score(v, *sizes)
-                    if s is None:
-                        s = v.size_memo.get(memo_key, _MISS)
-                        if s is _MISS:
-                            s = _fill_memo(v, cneed, v.size_memo, memo_key)
+                s = _size_score(v, *sizes)
             elif holders_of in v.entries:
                 s = v.score_memo.get(memo_key, _MISS)
                 if s is _MISS:
@@ -189,20 +197,24 @@ class FleetIndex:
                 s = None
             scores[slot] = s
             if old is not None and s is not None and old.base == s.base and \
-                    (not sized or _fixed_key(old) == _fixed_key(s)):
+                    (not sized or old.fixed_s == s.fixed_s):
                 continue  # the same place in both lists (a view that still fits, say)
             if old is not None:
-                i = bisect_left(order, (old.base, slot))
-                assert order[i][1] == slot, "FleetIndex order lost a slot: this is a bug"
+                i = bisect_left(order, old.base | slot)
+                assert order[i] & mask == slot, "FleetIndex order lost a slot: this is a bug"
                 del order[i]
                 if sized:
-                    i = bisect_left(by_fixed, (_fixed_key(old), slot))
-                    assert by_fixed[i][1] == slot, "FleetIndex by_fixed lost a slot: this is a bug"
+                    key = fixed_keys.pop(slot)
+                    i = bisect_left(by_fixed, key)
+                    assert by_fixed[i] == key, "FleetIndex by_fixed lost a slot: this is a bug"
                     del by_fixed[i]
             if s is not None:
-                insort(order, (s.base, slot))
+                insort(order, s.base | slot)
                 if sized:
-                    insort(by_fixed, (_fixed_key(s), slot))
+                    fixed_s = s.fixed_s
+                    key = fixed_keys[slot] = slot if fixed_s is None else \
+                        ((_FLOAT_BITS(_DOUBLE(fixed_s + 0.0))[0] + 1) << _FIELD_BITS) | slot
+                    insort(by_fixed, key)
 
     def rank(self, need: Need, queue_lens: Sequence[int], *, spill_queue_len: int = 4,
              evict_for_held: bool = True, limit: int | None = None, min_queue_len: int = 0) -> list[int]:
@@ -232,12 +244,11 @@ class FleetIndex:
         if len(views) > _FIELD_MASK:
             raise ValueError(f"at most {_FIELD_MASK} slots, got {len(views)}")
         want = limit if limit is not None else len(views)
-        cls = self._synced(need)
         holders = self._holders.get(need.checkpoint)
 
         # Holders: scored per checkpoint (their view's score_memo), as rank_indices does,
         # and kept sorted across decisions as the size classes are.
-        held: list[tuple[int, int]] = []  # (static base, slot) of holders that can serve
+        held: list[int] = []  # static base | slot of the holders that can serve
         hscores: Sequence[_Score | None] = ()
         if holders:
             hcls = self._synced(need, need.checkpoint)
@@ -253,20 +264,25 @@ class FleetIndex:
                 return [k & _FIELD_MASK for k in ranked[:want]]
 
         hkeys: list[int] = []
-        for base, slot in held:
-            q = queue_lens[slot]
+        for key in held:
+            q = queue_lens[key & _FIELD_MASK]
             if not min_queue_len <= q <= _FIELD_MASK:
                 raise _bad_queue(q, min_queue_len)
-            hkeys.append(base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0))
-        on_device_or_host = [slot for _, slot in held if hscores[slot].rank <= _ON_HOST]
+            hkeys.append(key | (q << _FIELD_BITS) | (_SPILLED if q >= spill_queue_len else 0))
+        on_device_or_host = [slot for slot in (key & _FIELD_MASK for key in held) if hscores[slot].rank <= _ON_HOST]
         best_wait_s = _best_wait_s((hscores[slot], queue_lens[slot], views[slot]) for slot in on_device_or_host)
         gate = bool(on_device_or_host) and (best_wait_s is not None or not evict_for_held)
         if gate:
-            hkeys = _gate(hkeys, [hscores[slot] for _, slot in held], views, queue_lens, best_wait_s, evict_for_held)
+            hkeys = _gate(hkeys, [hscores[key & _FIELD_MASK] for key in held], views, queue_lens, best_wait_s,
+                          evict_for_held)
+        # The size class only now: a decision the holders made leaves its backlog to the next
+        # (a slot changed twice meanwhile is scored once).
+        cls = self._synced(need)
         # Past this base the gate keeps no non-holder: without measured times and before
         # evict_for_held, only a replica with free room is kept.
         stop = _AFTER_FITS if gate and best_wait_s is None and not evict_for_held else _NO_STOP
-        prefix = bisect_left(cls.by_fixed, (best_wait_s,)) if gate and best_wait_s is not None else _NO_PREFIX
+        prefix = bisect_left(cls.by_fixed, _fixed_image(best_wait_s) << _FIELD_BITS) \
+            if gate and best_wait_s is not None else _NO_PREFIX
         if prefix <= 2 * want + 32:
             # Few can pass the gate: all of them, in any order, rather than a walk past the rest.
             ranked, spilled = self._passing(cls, prefix, holders, queue_lens, spill_queue_len, best_wait_s,
@@ -286,7 +302,8 @@ class FleetIndex:
         ``prefix`` of ``cls.by_fixed`` that pass the holder gate."""
         views, scores = self._views, cls.scores
         keys = []
-        for _, slot in cls.by_fixed[:prefix]:
+        for key in cls.by_fixed[:prefix]:
+            slot = key & _FIELD_MASK
             if holders and slot in holders:
                 continue
             s, q = scores[slot], queue_lens[slot]
@@ -296,10 +313,10 @@ class FleetIndex:
                 keys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0))
         return keys
 
-    def _walk(self, order: list[tuple[int, int]], skip: set[int] | None, scores: Sequence[_Score | None],
+    def _walk(self, order: list[int], skip: set[int] | None, scores: Sequence[_Score | None],
               queue_lens: Sequence[int], spill_queue_len: int, want: int, best_wait_s: float | None | object,
               evict_for_held: bool, qmin: int, stop: int) -> tuple[list[int], list[int] | None]:
-        """Sort keys (unsorted) of the replicas in ``order`` (ascending (static base, slot),
+        """Sort keys (unsorted) of the replicas in ``order`` (ascending static base | slot,
         less ``skip``) that can be in the first ``want`` places: (keys below the spill line,
         None) once ``want`` of those are certain, else (those, the spilled keys) after the
         whole list or at the first base >= ``stop``. ``best_wait_s`` _NO_GATE: the holder
@@ -318,14 +335,14 @@ class FleetIndex:
         spilled: list[int] = []
         i = 0
         while i < n:
-            base = order[i][0]
+            base = order[i] & ~_FIELD_MASK
             if len(ranked) >= want:
                 return ranked, None
             if base >= stop:
                 break
             end = i + 1
-            if end < n and order[end][0] == base:
-                end = bisect_left(order, (base + 1,), i)
+            if end < n and order[end] & ~_FIELD_MASK == base:
+                end = bisect_left(order, base + _FIELD_MASK + 1, i)
             if end - i > window:
                 # Walk from a rotating start (wrapping) and stop once ``window`` members
                 # are seen and want places found: least queue within that window.
@@ -335,7 +352,8 @@ class FleetIndex:
             else:
                 members, capped = order[i:end], False
             before, at_qmin, seen = len(ranked), 0, 0
-            for _, slot in members:
+            for key in members:
+                slot = key & _FIELD_MASK
                 if capped:
                     seen += 1
                     if seen > window and len(ranked) >= want:
@@ -367,8 +385,19 @@ class FleetIndex:
         return ranked, spilled
 
 
-def _fixed_key(s: _Score) -> float:
-    return -1.0 if s.fixed_s is None else s.fixed_s
+_DOUBLE = struct.Struct("<d").pack
+_FLOAT_BITS = struct.Struct("<Q").unpack
+
+
+def _fixed_image(fixed_s: float | None) -> int:
+    """An int that orders as fixed_s does, for fixed_s >= 0 (seconds), below them all for
+    None (not measured): the IEEE 754 bits of a non-negative double order as its value
+    (+ 0.0 turns -0.0 into 0.0). A by_fixed entry is ``(image << 32) | slot``; _resync
+    inlines it (it runs per changed slot)."""
+    if fixed_s is None:
+        return 0
+    assert fixed_s >= 0.0, f"fixed_s {fixed_s} < 0: this is a bug"
+    return _FLOAT_BITS(_DOUBLE(fixed_s + 0.0))[0] + 1
 
 
 def _bad_queue(q: int, min_queue_len: int) -> ValueError:

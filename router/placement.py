@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Mapping, NamedTuple, Sequence
 
 
@@ -35,6 +37,9 @@ class Rank(enum.IntEnum):
 # Rank values as plain ints for the hot paths: an enum member lookup (Rank.FITS) costs
 # about 120 ns on CPython 3.11, and scoring a view took several.
 _ON_DEVICE, _ON_HOST, _FITS, _EVICT, _BUSY = (int(r) for r in Rank)
+
+
+_IDLE_S = attrgetter("idle_s")
 
 
 class _lazy:
@@ -90,7 +95,7 @@ class ReplicaView:
 
     @_lazy
     def resident_count(self) -> int:
-        # Not len(victim_order): most answers need only the count, and the order costs a sort.
+        # Not from evict_plan: most answers need only the count, and the plan costs a sort.
         n = 0
         for e in self.entries.values():
             if e.tier == "device":
@@ -98,15 +103,31 @@ class ReplicaView:
         return n
 
     @_lazy
-    def victim_order(self) -> tuple[tuple[int, float, bool], ...]:
-        """(bytes, last-use time s, in use) of device entries in eviction order: idle before
-        in use, most idle first (the cache's LRU order); ties keep report order."""
-        # Lists and a sort in place: a new view is scored once per report and distinct
-        # size, so this is on the path of every decision that follows a report.
-        dev = [(e.in_use > 0, -e.idle_s, i, e) for i, e in enumerate(self.entries.values()) if e.tier == "device"]
-        dev.sort()
+    def evict_plan(self) -> tuple[list[int], list[float], int, list[int | None]]:
+        """The eviction order as running sums, for every need at once: (bytes freed by the
+        first n victims, the sum of their last-use times on the report's clock, for n =
+        0..device entries; how many victims are idle; per n, the sort key's eviction fields
+        once some need has asked for them, else None: see _evicting). Victims are the device entries, idle
+        before in use, most idle first (the cache's LRU order), ties in report order. A need
+        evicts the shortest prefix that makes room, so each size class scores a view by
+        bisection instead of a walk over its entries; the sums are added in victim order,
+        as such a walk would add them (the same floats)."""
+        idle, busy = [], []
+        for e in self.entries.values():
+            if e.tier == "device":
+                (busy if e.in_use > 0 else idle).append(e)
+        # reverse=True keeps equal keys in their original order (Python's sort is stable both ways).
+        idle.sort(key=_IDLE_S, reverse=True)
+        busy.sort(key=_IDLE_S, reverse=True)
         at = self.reported_at_s
-        return tuple([(e.bytes, at - e.idle_s, busy) for busy, _, _, e in dev])
+        freed, used, f, u = [0], [0.0], 0, 0.0
+        for group in (idle, busy):
+            for e in group:
+                f += e.bytes
+                u += at - e.idle_s
+                freed.append(f)
+                used.append(u)
+        return freed, used, len(idle), [None] * len(freed)
 
     # Need.memo_key -> this view's queue-independent answer to a need for a checkpoint it
     # holds (a placement._Score, or None: never fits); Need.size_key -> the answer to a need
@@ -243,26 +264,43 @@ def _static(view: ReplicaView, checkpoint: str, weights: int, workspace: int) ->
     budget = view.budget_bytes
     if required > budget:
         return None
-    free, resident, max_resident = budget - view.used_bytes, view.resident_count, view.max_resident
-    if free >= required and resident < max_resident:
+    if budget - view.used_bytes >= required and view.resident_count < view.max_resident:
         return (rank_, 0, 0.0)
-    # The requested checkpoint is not on this device here, so every device entry is a
-    # candidate victim.
-    evicted, used_sum, victims, busy = 0, 0.0, 0, False
-    for nbytes, last_used_s, in_use in view.victim_order:
-        if free >= required and resident < max_resident:
-            break
-        free += nbytes
-        evicted += nbytes
-        used_sum += last_used_s
-        victims += 1
-        resident -= 1
-        busy = busy or in_use
-    mean_used_s = used_sum / victims if victims else 0.0
-    if busy or not (free >= required and resident < max_resident):
-        return (_BUSY, evicted, mean_used_s)
-    # Reloading from host keeps its rank: it is cheaper than any disk load, even with evictions.
-    return (rank_ if rank_ == _ON_HOST else _EVICT, evicted, mean_used_s)
+    rank_, _, evicted, mean_used_s = _evicting(view, rank_, required)
+    return (rank_, evicted, mean_used_s)
+
+
+def _evicting(view: ReplicaView, rank_: int, required: int) -> tuple[int, int, int, float]:
+    """(rank, the sort key's eviction fields, evict bytes, victims' mean last-use s) of a
+    replica that must evict to find ``required`` bytes (it has less free, or no free entry
+    slot under ``max_resident``); a _Score.base is ``(rank << 192) | fields``.
+
+    The requested checkpoint is not on this device here, so every device entry is a
+    candidate victim, taken in victim order: the shortest prefix that frees enough bytes
+    and leaves an entry slot. BUSY when that prefix has an entry in use, or when evicting
+    every entry is not enough (a report is stale by up to a period: it may be by then).
+    A view has a handful of prefixes and many needs (size classes) ask for the same one, so
+    each prefix's fields (a float-to-int image and shifts) are built once per view."""
+    freed, used, idle, fields = view.evict_plan
+    victims = len(freed) - 1  # every device entry: resident_count
+    n = bisect_left(freed, required - (view.budget_bytes - view.used_bytes))
+    over = victims - view.max_resident + 1  # victims the entry-count cap needs
+    if over > n:
+        n = over
+    if n > victims:
+        n, rank_ = victims, _BUSY
+    else:
+        assert n > 0, "_evicting called for a need that fits without evicting: this is a bug"
+        if n > idle:
+            rank_ = _BUSY
+        elif rank_ != _ON_HOST:  # reloading from host keeps its rank: cheaper than any disk load
+            rank_ = _EVICT
+    evicted, mean_used_s = freed[n], used[n] / n if n else 0.0
+    f = fields[n]
+    if f is None:
+        assert 0 <= evicted <= _U64, f"evict bytes {evicted} out of range: this is a bug"
+        f = fields[n] = ((evicted << 64) | _ordered_u64(mean_used_s)) << 64
+    return rank_, f, evicted, mean_used_s
 
 
 def _fixed_s(view: ReplicaView, checkpoint: str, rank_: int, weights: int, evicted: int) -> float | None:
@@ -284,32 +322,41 @@ def _fill_memo(view: ReplicaView, need: Need, memo: dict, key: str) -> _Score | 
     return s
 
 
+def _base(rank_: int, evicted: int, last_used_s: float) -> int:
+    """A _Score.base: the sort key's static fields, shifted in place."""
+    if not evicted and not last_used_s:
+        return _BASE_NO_EVICTION[rank_]
+    assert 0 <= evicted <= _U64, f"evict bytes {evicted} out of range: this is a bug"
+    return ((((rank_ << 64) | evicted) << 64) | _ordered_u64(last_used_s)) << 64
+
+
 def _new_score(view: ReplicaView, need: Need) -> _Score | None:
     weights, workspace = need.at(view.default_dtype)
+    if need.checkpoint not in view.entries:
+        return _size_score(view, weights, weights + workspace)
     st = _static(view, need.checkpoint, weights, workspace)
     if st is None:
-        s = None
-    else:
-        rank_, evicted, last_used_s = st
-        assert 0 <= evicted <= _U64, f"evict bytes {evicted} out of range: this is a bug"
-        base = (_BASE_NO_EVICTION[rank_] if not evicted and not last_used_s
-                else ((((rank_ << 64) | evicted) << 64) | _ordered_u64(last_used_s)) << 64)
-        s = _new_tuple(_Score, (base, rank_, evicted, last_used_s,
-                                _fixed_s(view, need.checkpoint, rank_, weights, evicted)))
-    return s
+        return None
+    rank_, evicted, last_used_s = st
+    return _new_tuple(_Score, (_base(rank_, evicted, last_used_s), rank_, evicted, last_used_s,
+                               _fixed_s(view, need.checkpoint, rank_, weights, evicted)))
 
 
-def _fits_score(view: ReplicaView, weights: int, required: int) -> _Score | None:
-    """A non-holder's score when ``required`` (weights + workspace) fits its free budget
-    without evicting, as :func:`_new_score` gives it; None otherwise (use _new_score). The
-    common answer, without the general path's calls (a size class re-scores every changed
-    view)."""
-    if view.budget_bytes - view.used_bytes < required or view.resident_count >= view.max_resident \
-            or required > view.budget_bytes:
+def _size_score(view: ReplicaView, weights: int, required: int) -> _Score | None:
+    """The score of a replica with no entry for the checkpoint (a non-holder), from the
+    sizes alone: ``weights`` and ``required`` (weights + workspace) bytes at the view's
+    dtype. What _new_score gives for it, without the general path's calls: a size class
+    re-scores every changed view, and most of the decision's time went there."""
+    budget = view.budget_bytes
+    if required > budget:
         return None
     bps = view.disk_load_bytes_per_s
-    return _new_tuple(_Score, (_BASE_NO_EVICTION[_FITS], _FITS, 0, 0.0,
-                               weights / bps if view.inference_s > 0 and bps > 0 else None))
+    measured = view.inference_s > 0 and bps > 0  # _fixed_s's conditions
+    if budget - view.used_bytes >= required and view.resident_count < view.max_resident:
+        return _new_tuple(_Score, (_BASE_NO_EVICTION[_FITS], _FITS, 0, 0.0, weights / bps if measured else None))
+    rank_, fields, evicted, last_used_s = _evicting(view, _FITS, required)
+    return _new_tuple(_Score, ((rank_ << 192) | fields, rank_, evicted, last_used_s,
+                               (weights + evicted) / bps if measured else None))
 
 
 def _scored(views: Sequence[ReplicaView], need: Need, spill_queue_len: int,

@@ -89,6 +89,43 @@ def test_max_resident_forces_eviction_rank():
     assert (p.rank, p.evict_bytes) == (Rank.EVICT, 10)
 
 
+def _plan_view(budget=120, max_resident=16):
+    entries = {"a": EntryView("device", 10, 5.0), "b": EntryView("device", 20, 9.0),
+               "c": EntryView("device", 30, 5.0), "d": EntryView("host", 40, 1.0),
+               "e": EntryView("device", 50, 100.0, in_use=1)}
+    return ReplicaView("r", budget, 110, F16, entries, 0, max_resident=max_resident, reported_at_s=100.0)
+
+
+def test_evict_plan_sums_victims_idle_first_most_idle_first_ties_in_report_order():
+    # Victims b (idle 9), a (idle 5, before c in the report), c (idle 5), then e (in use);
+    # the host entry d is no victim. Last-use times are 100 - idle.
+    freed, used, idle, fields = _plan_view().evict_plan
+    assert freed == [0, 20, 30, 60, 110]
+    assert used == [0.0, 91.0, 186.0, 281.0, 281.0]
+    assert idle == 3 and fields == [None] * 5
+
+
+@pytest.mark.parametrize("weights, workspace, max_resident, expected", [
+    (25, 5, 16, (Rank.EVICT, 20, 91.0)),  # 10 free, 20 short: b alone
+    (25, 6, 16, (Rank.EVICT, 30, 93.0)),  # 21 short: b and a
+    (90, 15, 16, (Rank.BUSY, 110, 70.25)),  # 95 short: all four, e in use
+    (115, 10, 16, None),  # 125 > budget 120: never fits
+    (2, 3, 2, (Rank.EVICT, 60, 281.0 / 3)),  # bytes fit; 4 resident under a cap of 2: three go
+], ids=["one", "two", "in-use", "never", "entry-cap"])
+def test_eviction_takes_the_shortest_victim_prefix_that_makes_room(weights, workspace, max_resident, expected):
+    v = _plan_view(max_resident=max_resident)
+    nd = Need("x", {F16: weights}, {F16: workspace})
+    from router.placement import _size_score  # the path FleetIndex's size classes use
+
+    s = _size_score(v, weights, weights + workspace)
+    if expected is None:
+        assert rank([v], nd) == [] and s is None
+        return
+    (p,) = rank([v], nd)
+    assert (p.rank, p.evict_bytes, p.victims_last_used_s) == expected
+    assert (s.rank, s.evict_bytes, s.last_used_s) == (int(expected[0]), expected[1], expected[2])
+
+
 # ---- ledger ----------------------------------------------------------------------------------
 def test_burst_for_cold_checkpoint_goes_to_one_replica():
     ledger = Ledger()
