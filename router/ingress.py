@@ -1,11 +1,12 @@
-"""The Router deployment: HTTP (FastAPI) and Python-handle ingress.
+"""The Router deployment: HTTP (FastAPI) and Python-handle ingress over router.core.RouterCore.
 
 validate -> resolve the name in the registry -> estimate -> admission -> forward to the
 ModelReplica deployment through a DeploymentHandle whose memory-aware RequestRouter
 (router/request_router.py) picks the replica.
 
-Both entry points share :meth:`RouterIngress._generate`; the handle method raises
+Both entry points share :meth:`RouterCore.generate`; the handle method raises
 :class:`ServiceError` where HTTP answers ``{"error": {"code", "message"}}`` with a status.
+router.client.LocalRouter runs the same core in the caller's process, without this hop.
 """
 
 
@@ -13,8 +14,6 @@ import asyncio
 import hmac
 import logging
 import os
-import secrets
-import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,17 +22,14 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import AppConfig, IngressSettings
-from router.api import (AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse,
-                        RequestLimitError, resolve_request)
-from router.estimator import TARGET_DTYPE_BYTES, EstimateError, Estimator
-from router.placement import Need
-from router.registry import CheckpointSpec, Dtype, UnknownCheckpointError
+from router.api import AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse
+from router.core import RouterCore, ServiceError
+from router.estimator import EstimateError
+from router.registry import Dtype
 from router.request_router import ReportBoard
 
 log = logging.getLogger("memrouter.ingress")
@@ -41,17 +37,6 @@ log = logging.getLogger("memrouter.ingress")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 405, 413, 415, 422, 500, 503, 504)
 }
-
-
-class ServiceError(Exception):
-    """An error answer: ``status`` is the HTTP status the same failure gets over HTTP."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None):
-        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
-        super().__init__(f"{status} {code}: {message}")
-
-    def __reduce__(self):  # crosses Ray process boundaries intact
-        return (ServiceError, (self.status, self.code, self.message, self.retry_after_s))
 
 
 def error_json(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
@@ -98,24 +83,6 @@ def admin_problem(authorization: str | None, token: str | None, token_env: str) 
     if scheme.lower() != "bearer" or not ok:
         return 401, "unauthorized", "admin routes need 'Authorization: Bearer <token>'"
     return None
-
-
-def admission_problem(need: Need, reports: dict[str, dict[str, Any]]) -> str | None:
-    """Why ``need`` fits no replica's device budget at that replica's dtype, or None if one fits.
-
-    No reports (startup): None; the replica's cache still refuses what cannot fit there.
-    """
-    if not reports:
-        return None
-    largest_budget, estimate = 0, 0
-    for r in reports.values():
-        weights, workspace = need.at(r["default_dtype"])
-        if weights + workspace <= r["device_budget_bytes"]:
-            return None
-        if r["device_budget_bytes"] >= largest_budget:
-            largest_budget, estimate = r["device_budget_bytes"], weights + workspace
-    return (f"checkpoint {need.checkpoint!r} needs an estimated {estimate} bytes (weights + workspace for this "
-            f"request shape) but the largest replica budget is {largest_budget} bytes")
 
 
 class BodyLimitMiddleware:
@@ -219,77 +186,17 @@ class RouterIngress:
 
     def __init__(self, replicas: DeploymentHandle, config: dict[str, Any]):
         cfg = AppConfig.model_validate(config)
-        self._settings = cfg.ingress
-        self._registry = cfg.load_registry()
-        self._estimator = Estimator()
+        self._core = RouterCore(replicas, cfg)
+        self._registry, self._estimator = self._core.registry, self._core.estimator
         self._replicas = replicas
-        self._replica_deployment = "ModelReplica"
+        self._replica_deployment = self._core.replica_deployment
+        self._settings = cfg.ingress
         self._token = os.environ.get(cfg.ingress.admin_token_env) or None
         self._token_env = cfg.ingress.admin_token_env
         BodyLimitMiddleware.max_body_bytes = cfg.ingress.max_body_bytes
 
-    # ---- shared core -------------------------------------------------------------------------
-    def _need(self, spec: CheckpointSpec, width: int, height: int, batch: int) -> Need:
-        """Estimates at each dtype a replica might use (its profile default when auto)."""
-        dtypes = list(TARGET_DTYPE_BYTES) if spec.dtype is Dtype.AUTO else [spec.dtype.value]
-        weights, workspace = {}, {}
-        for d in dtypes:
-            est = self._estimator.estimate(spec, dtype=d, width=width, height=height, batch=batch)
-            weights[d], workspace[d] = est.weights_bytes, est.workspace_bytes
-        if spec.dtype is not Dtype.AUTO:  # every replica serves it at the spec's dtype
-            weights = dict.fromkeys(TARGET_DTYPE_BYTES, weights[dtypes[0]])
-            workspace = dict.fromkeys(TARGET_DTYPE_BYTES, workspace[dtypes[0]])
-        return Need(spec.name, weights, workspace)
-
-    async def _admit(self, need: Need) -> None:
-        """Refuse, before any load, a request that fits no replica's budget (413 with numbers).
-
-        Before the first reports reach this process, prime the request router (a cheap report
-        call) so that the first requests are judged too; if none come, the replica's cache
-        still refuses what cannot fit with the same numbers.
-        """
-        if not ReportBoard.reports(self._replica_deployment):
-            await self._ensure_reports()
-        problem = admission_problem(need, ReportBoard.reports(self._replica_deployment))
-        if problem is not None:
-            raise ServiceError(413, "exceeds_every_budget", problem)
-
     async def _generate(self, req: GenerateRequest) -> GenerateResponse:
-        received_s = time.time()
-        try:
-            spec = self._registry.get(req.checkpoint)
-        except UnknownCheckpointError as exc:
-            raise ServiceError(404, "unknown_checkpoint", str(exc)) from None
-        try:
-            resolved = resolve_request(req, spec, default_seed=secrets.randbelow(2**31))
-        except RequestLimitError as exc:
-            raise ServiceError(422, "invalid_request", str(exc)) from None
-        try:
-            need = self._need(spec, resolved.width, resolved.height, resolved.num_images)
-        except EstimateError as exc:
-            raise ServiceError(500, "checkpoint_unreadable", str(exc)) from None
-        await self._admit(need)
-        payload = resolved.model_dump() | {"sent_at_s": time.time()}
-        try:
-            result = await asyncio.wait_for(
-                self._replicas.generate.remote(payload, need), timeout=self._settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ServiceError(504, "timeout", f"no answer within {self._settings.request_timeout_s} s") from None
-        except BackPressureError:
-            raise ServiceError(503, "overloaded", "too many requests queued; retry later", 1) from None
-        except RayTaskError as exc:  # a bug in replica code: not the client's fault, not transient
-            log.error("replica raised: %s", exc)
-            raise ServiceError(500, "internal_error", "the replica failed while serving the request") from None
-        except (RayActorError, DeploymentUnavailableError) as exc:  # died or unreachable
-            log.warning("replica unavailable: %s: %s", type(exc).__name__, exc)
-            raise ServiceError(503, "replica_unavailable", "the replica serving this request went away; retry", 1) from None
-        status = result.get("status", 500)
-        if status != 200:
-            err = result["error"]
-            raise ServiceError(status, err["code"], err["message"], result.get("retry_after_s"))
-        result = {k: v for k, v in result.items() if k != "status"}
-        result["timings_ms"]["total"] = round((time.time() - received_s) * 1000, 3)
-        return GenerateResponse.model_validate(result)
+        return await self._core.generate(req)
 
     # ---- Python handle API -------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
@@ -332,27 +239,10 @@ class RouterIngress:
         return self.status()
 
     async def _ensure_reports(self, wait_s: float = 3.0) -> None:
-        """Ray builds the request router on the first call through the handle; before that no
-        reports reach this process. Prime it with a cheap call and wait for the reports."""
-        if ReportBoard.reports(self._replica_deployment):
-            return
-        try:
-            await asyncio.wait_for(self._replicas.report.remote(), timeout=wait_s)
-        except Exception as exc:  # noqa: BLE001 - status stays empty; the caller sees that
-            log.warning("priming the request router failed: %s", exc)
-            return
-        deadline = time.monotonic() + wait_s
-        while not ReportBoard.reports(self._replica_deployment) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await self._core.ensure_reports(wait_s)
 
     def status(self) -> dict[str, Any]:
-        reports = sorted(ReportBoard.reports(self._replica_deployment).values(), key=lambda r: r["replica_id"])
-        keys = ("device_budget_bytes", "device_used_bytes", "host_used_bytes", "leaked_modules", "in_flight")
-        totals = {k: sum(r[k] for r in reports) for k in keys}
-        totals["replicas"] = len(reports)
-        # This ingress's request router: decisions made, and views of replicas it built for
-        # them (one per replica whose state or placements changed, not one per report).
-        return {"replicas": reports, "totals": totals, "router": ReportBoard.router_counters(self._replica_deployment)}
+        return self._core.status()
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

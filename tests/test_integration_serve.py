@@ -130,6 +130,38 @@ def test_handle_errors_are_typed(app):
     assert info.value.status == 404 and info.value.code == "unknown_checkpoint"
 
 
+def test_local_router_serves_from_this_process_as_the_ingress_does(client):
+    """router.client.LocalRouter: the Router's path in the test process, the replica
+    deployment's handle called directly (its request router runs here)."""
+    from pydantic import ValidationError
+
+    from router.client import LocalRouter, ServiceError
+    from tests.serve_harness import default_args, deep_update
+
+    local = LocalRouter(deep_update(default_args(), PATCH))
+    body = {"checkpoint": "demo-xs", "prompt": "a red cube", "seed": 1234, "width": 64, "height": 64,
+            "num_inference_steps": 2}
+    via_ingress = generate(client, **{k: v for k, v in body.items() if k != "prompt"})
+    got = local.generate(body)
+    assert isinstance(got, GenerateResponse) and got.checkpoint == "demo-xs"
+    assert got.images == via_ingress["images"]
+    import asyncio
+
+    assert asyncio.run(local.generate_async(body)).images == via_ingress["images"]
+    st = local.status()  # this process's request router: the reports and its own decisions
+    assert st["totals"]["replicas"] == 2 and st["router"]["decisions"] >= 2
+    with pytest.raises(ServiceError) as info:
+        local.generate({"checkpoint": "no-such", "prompt": "x"})
+    assert (info.value.status, info.value.code) == (404, "unknown_checkpoint")
+    with pytest.raises(ServiceError) as info:
+        local.generate(dict(body, width=4096, height=4096))  # past demo-xs's max size
+    assert (info.value.status, info.value.code) == (422, "invalid_request")
+    with pytest.raises(ValidationError, match="prompt"):
+        local.generate({"checkpoint": "demo-xs"})
+    with pytest.raises(ValueError, match="app_name"):
+        LocalRouter(default_args(), app_name="")
+
+
 def test_mixed_run_never_exceeds_budget_and_answers_everything(client):
     names = ["demo-xs", "demo-s", "demo-m", "demo-l"]
     weights = [8, 4, 2, 1]

@@ -24,7 +24,8 @@ from deployments import pipelines as P
 from deployments.config import AppConfig, IngressSettings
 from deployments.faults import Fault, FaultInjector
 from router.api import GenerateRequest
-from router.ingress import BodyLimitMiddleware, admin_problem, admission_problem, body_problem
+from router.core import admission_problem
+from router.ingress import BodyLimitMiddleware, admin_problem, body_problem
 from router.placement import Need
 
 ROOT = Path(__file__).resolve().parent.parent

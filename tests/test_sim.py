@@ -126,3 +126,26 @@ def test_command_line_writes_results(tmp_path):
     assert set(data["policies"]) == {"a", "b"}
     assert (tmp_path / "t.md").read_text().startswith("# Cluster simulation")
     assert (tmp_path / "t_latency_cdf.png").stat().st_size > 0 and (tmp_path / "t_hit_rate.png").stat().st_size > 0
+
+
+def test_sim_replay_replays_every_decision_with_the_simulations_orders():
+    from bench.sim_replay import run
+
+    out = run(["--small", "--policies", "a"], reps=2)
+    assert out["decisions"] == 400 and out["set_view_calls"] > 400
+    assert out["orders_equal_to_simulation"] is True
+    assert len(out["rank_us_per_decision"]["all"]) == 2
+    assert out["rank_us_per_decision"]["min"] <= out["rank_us_per_decision"]["median"]
+
+
+@pytest.mark.parametrize("argv, reps, match", [
+    (["--small", "--policies", "b"], 1, "--policies"),
+    (["--small", "--policies", "ac"], 1, "--policies"),
+    (["--small", "--policies", "a", "--rank-limit", "0"], 1, "rank_indices"),
+    (["--small", "--policies", "a"], 0, "--reps"),
+])
+def test_sim_replay_refuses_what_it_cannot_replay(argv, reps, match):
+    from bench.sim_replay import run
+
+    with pytest.raises(ValueError, match=match):
+        run(argv, reps)

@@ -1,0 +1,209 @@
+"""The Router's request path, without a transport: validate -> resolve the name in the
+registry -> estimate -> admission -> the ModelReplica deployment's handle, whose memory-aware
+RequestRouter (router/request_router.py) picks the replica.
+
+Two shells run it: the ingress deployment (router/ingress.py: HTTP and its own handle
+method) and :class:`router.client.LocalRouter`, in the caller's process. Failures raise
+:class:`ServiceError` carrying the HTTP status the same failure gets over HTTP.
+"""
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import AppConfig
+from router.api import GenerateRequest, GenerateResponse, RequestLimitError, resolve_request
+from router.estimator import TARGET_DTYPE_BYTES, EstimateError, Estimator
+from router.placement import Need
+from router.registry import CheckpointSpec, Dtype, UnknownCheckpointError
+from router.request_router import ReportBoard
+
+log = logging.getLogger("memrouter.router")
+
+REPLICA_DEPLOYMENT = "ModelReplica"
+# What a replica call can fail with, besides an error answer (see RouterCore._failure).
+_CALL_ERRORS = (TimeoutError, BackPressureError, RayTaskError, RayActorError, DeploymentUnavailableError)
+
+
+class ServiceError(Exception):
+    """An error answer: ``status`` is the HTTP status the same failure gets over HTTP."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None):
+        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+        super().__init__(f"{status} {code}: {message}")
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return (ServiceError, (self.status, self.code, self.message, self.retry_after_s))
+
+
+def admission_problem(need: Need, reports: dict[str, dict[str, Any]]) -> str | None:
+    """Why ``need`` fits no replica's device budget at that replica's dtype, or None if one fits.
+
+    No reports (startup): None; the replica's cache still refuses what cannot fit there.
+    """
+    if not reports:
+        return None
+    largest_budget, estimate = 0, 0
+    for r in reports.values():
+        weights, workspace = need.at(r["default_dtype"])
+        if weights + workspace <= r["device_budget_bytes"]:
+            return None
+        if r["device_budget_bytes"] >= largest_budget:
+            largest_budget, estimate = r["device_budget_bytes"], weights + workspace
+    return (f"checkpoint {need.checkpoint!r} needs an estimated {estimate} bytes (weights + workspace for this "
+            f"request shape) but the largest replica budget is {largest_budget} bytes")
+
+
+class RouterCore:
+    """One Router: its registry (from ``cfg``), estimator and the replica deployment's handle.
+
+    Not a deployment: the ingress holds one per ingress replica, LocalRouter one per
+    caller. Admission reads the replica reports that reach this process's request router
+    (router.request_router.ReportBoard), so it judges only after the first call through
+    ``replicas`` has built that router (:meth:`ensure_reports` primes it).
+    """
+
+    def __init__(self, replicas: DeploymentHandle, cfg: AppConfig):
+        self.settings = cfg.ingress
+        self.registry = cfg.load_registry()
+        self.estimator = Estimator()
+        self.replicas = replicas
+        self.replica_deployment = REPLICA_DEPLOYMENT
+
+    def need(self, spec: CheckpointSpec, width: int, height: int, batch: int) -> Need:
+        """Estimates at each dtype a replica might use (its profile default when auto)."""
+        dtypes = list(TARGET_DTYPE_BYTES) if spec.dtype is Dtype.AUTO else [spec.dtype.value]
+        weights, workspace = {}, {}
+        for d in dtypes:
+            est = self.estimator.estimate(spec, dtype=d, width=width, height=height, batch=batch)
+            weights[d], workspace[d] = est.weights_bytes, est.workspace_bytes
+        if spec.dtype is not Dtype.AUTO:  # every replica serves it at the spec's dtype
+            weights = dict.fromkeys(TARGET_DTYPE_BYTES, weights[dtypes[0]])
+            workspace = dict.fromkeys(TARGET_DTYPE_BYTES, workspace[dtypes[0]])
+        return Need(spec.name, weights, workspace)
+
+    async def admit(self, need: Need) -> None:
+        """Refuse, before any load, a request that fits no replica's budget (413 with numbers).
+
+        Before the first reports reach this process, prime the request router (a cheap report
+        call) so that the first requests are judged too; if none come, the replica's cache
+        still refuses what cannot fit with the same numbers.
+        """
+        if not ReportBoard.reports(self.replica_deployment):
+            await self.ensure_reports()
+        self._judge(need)
+
+    def admit_sync(self, need: Need) -> None:
+        """:meth:`admit` for synchronous callers (not inside an event loop)."""
+        if not ReportBoard.reports(self.replica_deployment):
+            self.ensure_reports_sync()
+        self._judge(need)
+
+    def _judge(self, need: Need) -> None:
+        problem = admission_problem(need, ReportBoard.reports(self.replica_deployment))
+        if problem is not None:
+            raise ServiceError(413, "exceeds_every_budget", problem)
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        """Serve one validated request; raises :class:`ServiceError`."""
+        payload, need, received_s = self._prepare(req)
+        await self.admit(need)
+        try:
+            result = await asyncio.wait_for(self.replicas.generate.remote(payload, need),
+                                            timeout=self.settings.request_timeout_s)
+        except _CALL_ERRORS as exc:
+            raise self._failure(exc) from None
+        return self._finish(result, received_s)
+
+    def generate_sync(self, req: GenerateRequest) -> GenerateResponse:
+        """:meth:`generate` for synchronous callers (not inside an event loop): blocks on the
+        handle's result instead of awaiting it, without an event loop of its own."""
+        payload, need, received_s = self._prepare(req)
+        self.admit_sync(need)
+        try:
+            result = self.replicas.generate.remote(payload, need).result(timeout_s=self.settings.request_timeout_s)
+        except _CALL_ERRORS as exc:
+            raise self._failure(exc) from None
+        return self._finish(result, received_s)
+
+    def _prepare(self, req: GenerateRequest) -> tuple[dict[str, Any], Need, float]:
+        """(payload for the replica, placement need, time received) or ServiceError."""
+        received_s = time.time()
+        try:
+            spec = self.registry.get(req.checkpoint)
+        except UnknownCheckpointError as exc:
+            raise ServiceError(404, "unknown_checkpoint", str(exc)) from None
+        try:
+            resolved = resolve_request(req, spec, default_seed=secrets.randbelow(2**31))
+        except RequestLimitError as exc:
+            raise ServiceError(422, "invalid_request", str(exc)) from None
+        try:
+            need = self.need(spec, resolved.width, resolved.height, resolved.num_images)
+        except EstimateError as exc:
+            raise ServiceError(500, "checkpoint_unreadable", str(exc)) from None
+        return resolved.model_dump() | {"sent_at_s": time.time()}, need, received_s
+
+    def _failure(self, exc: BaseException) -> ServiceError:
+        """The answer to a failed replica call (one of _CALL_ERRORS)."""
+        if isinstance(exc, TimeoutError):  # asyncio's and the handle's result() timeout alike
+            return ServiceError(504, "timeout", f"no answer within {self.settings.request_timeout_s} s")
+        if isinstance(exc, BackPressureError):
+            return ServiceError(503, "overloaded", "too many requests queued; retry later", 1)
+        if isinstance(exc, RayTaskError):  # a bug in replica code: not the client's fault, not transient
+            log.error("replica raised: %s", exc)
+            return ServiceError(500, "internal_error", "the replica failed while serving the request")
+        # RayActorError, DeploymentUnavailableError: died or unreachable
+        log.warning("replica unavailable: %s: %s", type(exc).__name__, exc)
+        return ServiceError(503, "replica_unavailable", "the replica serving this request went away; retry", 1)
+
+    def _finish(self, result: dict[str, Any], received_s: float) -> GenerateResponse:
+        status = result.get("status", 500)
+        if status != 200:
+            err = result["error"]
+            raise ServiceError(status, err["code"], err["message"], result.get("retry_after_s"))
+        result = {k: v for k, v in result.items() if k != "status"}
+        result["timings_ms"]["total"] = round((time.time() - received_s) * 1000, 3)
+        return GenerateResponse.model_validate(result)
+
+    async def ensure_reports(self, wait_s: float = 3.0) -> None:
+        """Ray builds the request router on the first call through the handle; before that no
+        reports reach this process. Prime it with a cheap call and wait for the reports."""
+        if ReportBoard.reports(self.replica_deployment):
+            return
+        try:
+            await asyncio.wait_for(self.replicas.report.remote(), timeout=wait_s)
+        except Exception as exc:  # noqa: BLE001 - status stays empty; the caller sees that
+            log.warning("priming the request router failed: %s", exc)
+            return
+        deadline = time.monotonic() + wait_s
+        while not ReportBoard.reports(self.replica_deployment) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    def ensure_reports_sync(self, wait_s: float = 3.0) -> None:
+        """:meth:`ensure_reports` for synchronous callers."""
+        if ReportBoard.reports(self.replica_deployment):
+            return
+        try:
+            self.replicas.report.remote().result(timeout_s=wait_s)
+        except Exception as exc:  # noqa: BLE001 - status stays empty; the caller sees that
+            log.warning("priming the request router failed: %s", exc)
+            return
+        deadline = time.monotonic() + wait_s
+        while not ReportBoard.reports(self.replica_deployment) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def status(self) -> dict[str, Any]:
+        """Every replica's latest report as this process's request router has it, plus totals."""
+        reports = sorted(ReportBoard.reports(self.replica_deployment).values(), key=lambda r: r["replica_id"])
+        keys = ("device_budget_bytes", "device_used_bytes", "host_used_bytes", "leaked_modules", "in_flight")
+        totals = {k: sum(r[k] for r in reports) for k in keys}
+        totals["replicas"] = len(reports)
+        # This process's request router: decisions made, and views of replicas it built for
+        # them (one per replica whose state or placements changed, not one per report).
+        return {"replicas": reports, "totals": totals, "router": ReportBoard.router_counters(self.replica_deployment)}
