@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 from ray import serve
 
 from deployments.config import AppConfig
@@ -48,6 +49,10 @@ class LocalRouter:
         if not isinstance(app_name, str) or not app_name:
             raise ValueError(f"app_name must be a non-empty string (the Serve application's name), got {app_name!r}")
         cfg = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+        if not ray.is_initialized():
+            # Else Serve's handle lookup would start a new local Ray cluster with no app in it.
+            raise RuntimeError("LocalRouter needs a Ray connection to the app's cluster: call "
+                               "ray.init(address=...) first")
         self._core = RouterCore(serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=app_name), cfg)
 
     async def generate_async(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:

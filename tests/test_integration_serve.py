@@ -158,8 +158,6 @@ def test_local_router_serves_from_this_process_as_the_ingress_does(client):
     assert (info.value.status, info.value.code) == (422, "invalid_request")
     with pytest.raises(ValidationError, match="prompt"):
         local.generate({"checkpoint": "demo-xs"})
-    with pytest.raises(ValueError, match="app_name"):
-        LocalRouter(default_args(), app_name="")
 
 
 def test_mixed_run_never_exceeds_budget_and_answers_everything(client):

@@ -383,3 +383,13 @@ def test_fault_injection_is_refused_when_off(demo_dir):
         assert type(rep._backend).__name__ == "TorchBackend"
     finally:
         rep.shutdown()
+
+
+def test_local_router_refuses_to_start_without_a_ray_connection(monkeypatch):
+    import router.client as client
+
+    monkeypatch.setattr(client.ray, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="ray.init"):
+        client.LocalRouter({})
+    with pytest.raises(ValueError, match="app_name"):
+        client.LocalRouter({}, app_name="")
