@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": serve_env} if serve_env else None)
     samples: dict[str, list[float]] = {p: [] for p in PATHS}
+    local = None
     served: dict[str, dict[str, int]] = {p: {} for p in PATHS}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         samples[p].append(dt)
                         served[p][sf] = served[p].get(sf, 0) + 1
     finally:
+        if local is not None:
+            local.close()
         serve.shutdown()
         ray.shutdown()
 

@@ -9,8 +9,8 @@ request router (router/request_router.py) then runs in this process, as it does 
 ingress, and places the request on the same terms.
 
     from router.client import LocalRouter
-    router = LocalRouter(app_config)            # the args the app was deployed with
-    response = router.generate({"checkpoint": "demo-s", "prompt": "a red cube"})
+    with LocalRouter(app_config) as router:     # the args the app was deployed with
+        response = router.generate({"checkpoint": "demo-s", "prompt": "a red cube"})
 
 Caveats:
 - It reads its registry from ``config``: give it the app's own config (serve_config.yaml's
@@ -68,6 +68,17 @@ class LocalRouter:
         if not isinstance(request, GenerateRequest):
             request = GenerateRequest.model_validate(request)
         return self._core.generate_sync(request)
+
+    def close(self) -> None:
+        """Stop this process's request router for the app (its thread and its report
+        subscription). Call before ``ray.shutdown()``; the LocalRouter is unusable after."""
+        self._core.replicas.shutdown()
+
+    def __enter__(self) -> "LocalRouter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def status(self) -> dict[str, Any]:
         """The replicas' latest reports as this process's request router has them (empty

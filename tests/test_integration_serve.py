@@ -133,12 +133,18 @@ def test_handle_errors_are_typed(app):
 def test_local_router_serves_from_this_process_as_the_ingress_does(client):
     """router.client.LocalRouter: the Router's path in the test process, the replica
     deployment's handle called directly (its request router runs here)."""
-    from pydantic import ValidationError
-
-    from router.client import LocalRouter, ServiceError
+    from router.client import LocalRouter
     from tests.serve_harness import default_args, deep_update
 
-    local = LocalRouter(deep_update(default_args(), PATCH))
+    with LocalRouter(deep_update(default_args(), PATCH)) as local:
+        _check_local_router(local, client)
+
+
+def _check_local_router(local, client) -> None:
+    from pydantic import ValidationError
+
+    from router.client import ServiceError
+
     body = {"checkpoint": "demo-xs", "prompt": "a red cube", "seed": 1234, "width": 64, "height": 64,
             "num_inference_steps": 2}
     via_ingress = generate(client, **{k: v for k, v in body.items() if k != "prompt"})
