@@ -216,13 +216,17 @@ def _ordered_u64(x: float) -> int:
 
 _new_tuple = tuple.__new__  # a NamedTuple's own __new__ is a Python function: slower
 
-# The common case, nothing to evict, needs no float-to-int image.
-_BASE_NO_EVICTION = tuple((((r << 64) << 64) | _ordered_u64(0.0)) << 64 for r in range(len(Rank)))
+# A _Score.base is (rank << _RANK_SHIFT) | fields, the fields being (evict bytes << 128) |
+# (image of the victims' mean last use << 64). The common case, nothing to evict, needs no
+# float-to-int image.
+_RANK_SHIFT = 192
+_NO_EVICTION_FIELDS = _ordered_u64(0.0) << 64
+_BASE_NO_EVICTION = tuple((r << _RANK_SHIFT) | _NO_EVICTION_FIELDS for r in range(len(Rank)))
 
 
 def _rank_floor(rank_: int) -> int:
     """The smallest static base (a _Score.base) of a rank: for indexes kept in base order."""
-    return rank_ << 192
+    return rank_ << _RANK_SHIFT
 
 
 class _Score(NamedTuple):
@@ -240,8 +244,9 @@ class _Score(NamedTuple):
 
 
 def _static(view: ReplicaView, checkpoint: str, weights: int, workspace: int) -> tuple | None:
-    """The part of a replica's sort key that does not move with its queue: (rank, evict
-    bytes, victims' mean last-use s), the rank a plain int; None when the need can never fit the budget.
+    """The part of a replica's sort key that does not move with its queue: (rank, the sort
+    key's eviction fields, evict bytes, victims' mean last-use s), the rank a plain int (see
+    _evicting); None when the need can never fit the budget.
 
     Resident on the device ranks first whatever the free bytes: the replica runs one
     pipeline at a time and finds workspace room at acquire time, and ``in_use`` in a
@@ -256,7 +261,7 @@ def _static(view: ReplicaView, checkpoint: str, weights: int, workspace: int) ->
     if entry is not None and entry.tier == "device":
         if entry.bytes + workspace > view.budget_bytes:
             return None
-        return (_ON_DEVICE, 0, 0.0)
+        return (_ON_DEVICE, _NO_EVICTION_FIELDS, 0, 0.0)
     if entry is not None and entry.tier == "host":
         rank_, required = _ON_HOST, entry.bytes + workspace
     else:
@@ -265,15 +270,14 @@ def _static(view: ReplicaView, checkpoint: str, weights: int, workspace: int) ->
     if required > budget:
         return None
     if budget - view.used_bytes >= required and view.resident_count < view.max_resident:
-        return (rank_, 0, 0.0)
-    rank_, _, evicted, mean_used_s = _evicting(view, rank_, required)
-    return (rank_, evicted, mean_used_s)
+        return (rank_, _NO_EVICTION_FIELDS, 0, 0.0)
+    return _evicting(view, rank_, required)
 
 
 def _evicting(view: ReplicaView, rank_: int, required: int) -> tuple[int, int, int, float]:
     """(rank, the sort key's eviction fields, evict bytes, victims' mean last-use s) of a
     replica that must evict to find ``required`` bytes (it has less free, or no free entry
-    slot under ``max_resident``); a _Score.base is ``(rank << 192) | fields``.
+    slot under ``max_resident``); a _Score.base is ``(rank << _RANK_SHIFT) | fields``.
 
     The requested checkpoint is not on this device here, so every device entry is a
     candidate victim, taken in victim order: the shortest prefix that frees enough bytes
@@ -322,14 +326,6 @@ def _fill_memo(view: ReplicaView, need: Need, memo: dict, key: str) -> _Score | 
     return s
 
 
-def _base(rank_: int, evicted: int, last_used_s: float) -> int:
-    """A _Score.base: the sort key's static fields, shifted in place."""
-    if not evicted and not last_used_s:
-        return _BASE_NO_EVICTION[rank_]
-    assert 0 <= evicted <= _U64, f"evict bytes {evicted} out of range: this is a bug"
-    return ((((rank_ << 64) | evicted) << 64) | _ordered_u64(last_used_s)) << 64
-
-
 def _new_score(view: ReplicaView, need: Need) -> _Score | None:
     weights, workspace = need.at(view.default_dtype)
     if need.checkpoint not in view.entries:
@@ -337,8 +333,8 @@ def _new_score(view: ReplicaView, need: Need) -> _Score | None:
     st = _static(view, need.checkpoint, weights, workspace)
     if st is None:
         return None
-    rank_, evicted, last_used_s = st
-    return _new_tuple(_Score, (_base(rank_, evicted, last_used_s), rank_, evicted, last_used_s,
+    rank_, fields, evicted, last_used_s = st
+    return _new_tuple(_Score, ((rank_ << _RANK_SHIFT) | fields, rank_, evicted, last_used_s,
                                _fixed_s(view, need.checkpoint, rank_, weights, evicted)))
 
 
@@ -355,7 +351,7 @@ def _size_score(view: ReplicaView, weights: int, required: int) -> _Score | None
     if budget - view.used_bytes >= required and view.resident_count < view.max_resident:
         return _new_tuple(_Score, (_BASE_NO_EVICTION[_FITS], _FITS, 0, 0.0, weights / bps if measured else None))
     rank_, fields, evicted, last_used_s = _evicting(view, _FITS, required)
-    return _new_tuple(_Score, ((rank_ << 192) | fields, rank_, evicted, last_used_s,
+    return _new_tuple(_Score, ((rank_ << _RANK_SHIFT) | fields, rank_, evicted, last_used_s,
                                (weights + evicted) / bps if measured else None))
 
 
