@@ -32,8 +32,6 @@ from typing import Sequence
 from router.placement import (_FIELD_BITS, _FIELD_MASK, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView, _best_wait_s,
                               _fill_memo, _FITS, _gate, _keep, _rank_floor, _Score, _size_score)
 
-# A checkpoint name no view holds: a size class scores every view as a non-holder.
-_NOBODY = "\x00memrouter:size-class"
 _MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
 
 
@@ -42,12 +40,11 @@ class _Class:
     answers for a checkpoint nobody holds, over every slot; a holder class answers for
     the checkpoint ``holders_of``, over the slots whose view has an entry for it."""
 
-    __slots__ = ("need", "holders_of", "memo_key", "order", "by_fixed", "fixed_keys", "scores", "log_pos",
+    __slots__ = ("holders_of", "memo_key", "order", "by_fixed", "fixed_keys", "scores", "log_pos",
                  "required")
 
     def __init__(self, need: Need, holders_of: str | None):
         self.holders_of = holders_of
-        self.need = need if holders_of is not None else Need(_NOBODY, need.weights_bytes, need.workspace_bytes)
         # Holder classes keep their scores in the views' score_memo too (shared with
         # rank_indices, so neither scores twice). A size class scores a view once per
         # change and keeps the score here: a memo would not be read again.
@@ -170,7 +167,7 @@ class FleetIndex:
         """Re-score the changed ``slots`` in ``cls`` and move them in its sorted lists."""
         views, scores, order, by_fixed, required = self._views, cls.scores, cls.order, cls.by_fixed, cls.required
         fixed_keys = cls.fixed_keys
-        cneed, memo_key, holders_of = cls.need, cls.memo_key, cls.holders_of
+        memo_key, holders_of = cls.memo_key, cls.holders_of
         mask = _FIELD_MASK
         sized = holders_of is None
         for slot in slots:
@@ -181,18 +178,14 @@ class FleetIndex:
             elif sized:
                 dtype = v.default_dtype
                 sizes = required.get(dtype)
-                if sizes is None:
-                    try:
-                        weights, workspace = cneed.at(dtype)
-                    except ValueError:
-                        need.at(dtype)  # the same error, naming the checkpoint
-                        raise
+                if sizes is None:  # the class's needs share these figures (its key)
+                    weights, workspace = need.at(dtype)
                     sizes = required[dtype] = (weights, weights + workspace)
                 s = _size_score(v, *sizes)
             elif holders_of in v.entries:
                 s = v.score_memo.get(memo_key, _MISS)
                 if s is _MISS:
-                    s = _fill_memo(v, cneed, v.score_memo, memo_key)
+                    s = _fill_memo(v, need, v.score_memo, memo_key)
             else:
                 s = None
             scores[slot] = s
@@ -211,9 +204,7 @@ class FleetIndex:
             if s is not None:
                 insort(order, s.base | slot)
                 if sized:
-                    fixed_s = s.fixed_s
-                    key = fixed_keys[slot] = slot if fixed_s is None else \
-                        ((_FLOAT_BITS(_DOUBLE(fixed_s + 0.0))[0] + 1) << _FIELD_BITS) | slot
+                    key = fixed_keys[slot] = (_fixed_image(s.fixed_s) << _FIELD_BITS) | slot
                     insort(by_fixed, key)
 
     def rank(self, need: Need, queue_lens: Sequence[int], *, spill_queue_len: int = 4,
@@ -392,8 +383,7 @@ _FLOAT_BITS = struct.Struct("<Q").unpack
 def _fixed_image(fixed_s: float | None) -> int:
     """An int that orders as fixed_s does, for fixed_s >= 0 (seconds), below them all for
     None (not measured): the IEEE 754 bits of a non-negative double order as its value
-    (+ 0.0 turns -0.0 into 0.0). A by_fixed entry is ``(image << 32) | slot``; _resync
-    inlines it (it runs per changed slot)."""
+    (+ 0.0 turns -0.0 into 0.0). A by_fixed entry is ``(image << 32) | slot``."""
     if fixed_s is None:
         return 0
     assert fixed_s >= 0.0, f"fixed_s {fixed_s} < 0: this is a bug"
