@@ -14,9 +14,9 @@ from ray.serve.config import RequestRouterConfig
 
 from deployments.config import AppConfig
 from deployments.replica import ModelReplica
+from router.core import REPLICA_DEPLOYMENT
 from router.ingress import RouterIngress
 
-REPLICA_DEPLOYMENT = "ModelReplica"
 INGRESS_DEPLOYMENT = "Router"
 REQUEST_ROUTER_CLASS = "router.request_router:MemoryAwareRequestRouter"
 

@@ -26,7 +26,7 @@ from router.request_router import ReportBoard
 
 log = logging.getLogger("memrouter.router")
 
-REPLICA_DEPLOYMENT = "ModelReplica"
+REPLICA_DEPLOYMENT = "ModelReplica"  # the replica deployment's name in the app (deployments/app.py)
 # What a replica call can fail with, besides an error answer (see RouterCore._failure).
 _CALL_ERRORS = (TimeoutError, BackPressureError, RayTaskError, RayActorError, DeploymentUnavailableError)
 
@@ -74,7 +74,6 @@ class RouterCore:
         self.registry = cfg.load_registry()
         self.estimator = Estimator()
         self.replicas = replicas
-        self.replica_deployment = REPLICA_DEPLOYMENT
 
     def need(self, spec: CheckpointSpec, width: int, height: int, batch: int) -> Need:
         """Estimates at each dtype a replica might use (its profile default when auto)."""
@@ -95,18 +94,18 @@ class RouterCore:
         call) so that the first requests are judged too; if none come, the replica's cache
         still refuses what cannot fit with the same numbers.
         """
-        if not ReportBoard.reports(self.replica_deployment):
+        if not ReportBoard.reports(REPLICA_DEPLOYMENT):
             await self.ensure_reports()
         self._judge(need)
 
     def admit_sync(self, need: Need) -> None:
         """:meth:`admit` for synchronous callers (not inside an event loop)."""
-        if not ReportBoard.reports(self.replica_deployment):
+        if not ReportBoard.reports(REPLICA_DEPLOYMENT):
             self.ensure_reports_sync()
         self._judge(need)
 
     def _judge(self, need: Need) -> None:
-        problem = admission_problem(need, ReportBoard.reports(self.replica_deployment))
+        problem = admission_problem(need, ReportBoard.reports(REPLICA_DEPLOYMENT))
         if problem is not None:
             raise ServiceError(413, "exceeds_every_budget", problem)
 
@@ -174,7 +173,7 @@ class RouterCore:
     async def ensure_reports(self, wait_s: float = 3.0) -> None:
         """Ray builds the request router on the first call through the handle; before that no
         reports reach this process. Prime it with a cheap call and wait for the reports."""
-        if ReportBoard.reports(self.replica_deployment):
+        if ReportBoard.reports(REPLICA_DEPLOYMENT):
             return
         try:
             await asyncio.wait_for(self.replicas.report.remote(), timeout=wait_s)
@@ -182,12 +181,12 @@ class RouterCore:
             log.warning("priming the request router failed: %s", exc)
             return
         deadline = time.monotonic() + wait_s
-        while not ReportBoard.reports(self.replica_deployment) and time.monotonic() < deadline:
+        while not ReportBoard.reports(REPLICA_DEPLOYMENT) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
     def ensure_reports_sync(self, wait_s: float = 3.0) -> None:
         """:meth:`ensure_reports` for synchronous callers."""
-        if ReportBoard.reports(self.replica_deployment):
+        if ReportBoard.reports(REPLICA_DEPLOYMENT):
             return
         try:
             self.replicas.report.remote().result(timeout_s=wait_s)
@@ -195,15 +194,15 @@ class RouterCore:
             log.warning("priming the request router failed: %s", exc)
             return
         deadline = time.monotonic() + wait_s
-        while not ReportBoard.reports(self.replica_deployment) and time.monotonic() < deadline:
+        while not ReportBoard.reports(REPLICA_DEPLOYMENT) and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def status(self) -> dict[str, Any]:
         """Every replica's latest report as this process's request router has it, plus totals."""
-        reports = sorted(ReportBoard.reports(self.replica_deployment).values(), key=lambda r: r["replica_id"])
+        reports = sorted(ReportBoard.reports(REPLICA_DEPLOYMENT).values(), key=lambda r: r["replica_id"])
         keys = ("device_budget_bytes", "device_used_bytes", "host_used_bytes", "leaked_modules", "in_flight")
         totals = {k: sum(r[k] for r in reports) for k in keys}
         totals["replicas"] = len(reports)
         # This process's request router: decisions made, and views of replicas it built for
         # them (one per replica whose state or placements changed, not one per report).
-        return {"replicas": reports, "totals": totals, "router": ReportBoard.router_counters(self.replica_deployment)}
+        return {"replicas": reports, "totals": totals, "router": ReportBoard.router_counters(REPLICA_DEPLOYMENT)}

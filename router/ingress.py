@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import AppConfig, IngressSettings
 from router.api import AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse
-from router.core import RouterCore, ServiceError
+from router.core import REPLICA_DEPLOYMENT, RouterCore, ServiceError
 from router.estimator import EstimateError
 from router.registry import Dtype
 from router.request_router import ReportBoard
@@ -186,41 +186,34 @@ class RouterIngress:
 
     def __init__(self, replicas: DeploymentHandle, config: dict[str, Any]):
         cfg = AppConfig.model_validate(config)
-        self._core = RouterCore(replicas, cfg)
-        self._registry, self._estimator = self._core.registry, self._core.estimator
-        self._replicas = replicas
-        self._replica_deployment = self._core.replica_deployment
-        self._settings = cfg.ingress
+        self._core = RouterCore(replicas, cfg)  # registry, estimator, settings, the replicas' handle
         self._token = os.environ.get(cfg.ingress.admin_token_env) or None
         self._token_env = cfg.ingress.admin_token_env
         BodyLimitMiddleware.max_body_bytes = cfg.ingress.max_body_bytes
-
-    async def _generate(self, req: GenerateRequest) -> GenerateResponse:
-        return await self._core.generate(req)
 
     # ---- Python handle API -------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """``handle.generate.remote(GenerateRequest(...))``; raises :class:`ServiceError`."""
         if not isinstance(request, GenerateRequest):
             request = GenerateRequest.model_validate(request)
-        return await self._generate(request)
+        return await self._core.generate(request)
 
     # ---- HTTP --------------------------------------------------------------------------------
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)
     async def http_generate(self, body: GenerateRequest) -> GenerateResponse:
         """Generate images with a registered checkpoint."""
-        return await self._generate(body)
+        return await self._core.generate(body)
 
     @app.get("/v1/checkpoints", response_model=list[CheckpointInfo])
     async def http_checkpoints(self) -> list[CheckpointInfo]:
         """The registry, each checkpoint with its estimate at its default request shape."""
-        reports = ReportBoard.reports(self._replica_deployment)
+        reports = ReportBoard.reports(REPLICA_DEPLOYMENT)
         default_dtype = next((r["default_dtype"] for r in reports.values()), "float16")
         out = []
-        for spec in self._registry:
+        for spec in self._core.registry:
             dtype = default_dtype if spec.dtype is Dtype.AUTO else spec.dtype.value
             try:
-                est = self._estimator.estimate(spec, dtype=dtype, width=spec.width, height=spec.height)
+                est = self._core.estimator.estimate(spec, dtype=dtype, width=spec.width, height=spec.height)
             except EstimateError as exc:  # listed checkpoints must be servable; requests for it get the error
                 log.warning("checkpoint %s left out of the listing: %s", spec.name, exc)
                 continue
@@ -235,11 +228,8 @@ class RouterIngress:
     @app.get("/v1/status")
     async def http_status(self) -> dict[str, Any]:
         """Every replica's latest memory report plus totals."""
-        await self._ensure_reports()
+        await self._core.ensure_reports()
         return self.status()
-
-    async def _ensure_reports(self, wait_s: float = 3.0) -> None:
-        await self._core.ensure_reports(wait_s)
 
     def status(self) -> dict[str, Any]:
         return self._core.status()
@@ -255,16 +245,16 @@ class RouterIngress:
             raise ServiceError(*problem)
 
     async def _admin(self, method: str, body: AdminRequest) -> dict[str, Any]:
-        if body.checkpoint is not None and body.checkpoint not in self._registry:
+        if body.checkpoint is not None and body.checkpoint not in self._core.registry:
             raise ServiceError(404, "unknown_checkpoint", f"unknown checkpoint {body.checkpoint[:64]!r}")
-        await self._ensure_reports()
+        await self._core.ensure_reports()
         results = []
         # One call at a time: Ray keys pending requests by the parent request's id, which
         # every child call of this request shares, so concurrent targeted calls could swap.
-        for rid in sorted(ReportBoard.reports(self._replica_deployment)):
+        for rid in sorted(ReportBoard.reports(REPLICA_DEPLOYMENT)):
             try:
-                call = getattr(self._replicas, method).remote(body.checkpoint, _target_replica=rid)
-                results.append(await asyncio.wait_for(call, timeout=self._settings.request_timeout_s))
+                call = getattr(self._core.replicas, method).remote(body.checkpoint, _target_replica=rid)
+                results.append(await asyncio.wait_for(call, timeout=self._core.settings.request_timeout_s))
             except Exception as exc:  # noqa: BLE001 - report per replica, keep going
                 results.append({"replica": rid, "error": type(exc).__name__})
         return {"replicas": results}
