@@ -9,7 +9,7 @@ round so that the machine's noise falls on all three alike:
 - ``http``: POST /v1/generate through Serve's HTTP proxy and the Router ingress;
 - ``router_handle``: ``router_handle.generate.remote(GenerateRequest(...))`` (Python handle to
   the Router ingress deployment, no HTTP);
-- ``local_router``: ``router.client.LocalRouter(config).generate(body)``: the Router's own
+- ``local_router``: ``deployments.client.LocalRouter(config).generate(body)``: the Router's own
   work in this driver process, then the replica deployment's handle (no ingress hop);
 - ``direct``: ``serve.get_deployment_handle("ModelReplica", app_name="memrouter")
   .generate.remote(payload, need)`` - the replica call the Router itself makes, with the
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.app import build_app
     from deployments.demo import demo_registry_entries, ensure_demo_checkpoints
     from router.api import GenerateRequest, resolve_request
-    from router.client import LocalRouter
+    from deployments.client import LocalRouter
     from router.estimator import TARGET_DTYPE_BYTES, Estimator
     from router.placement import Need
     from router.registry import Registry
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
           "scheduling on this 2-core shared VM.", "",
           f"Target: <= {target_ms} ms added at p50 by the Router (router_handle - direct): "
           f"{'met' if met else 'NOT met'} ({added['router_handle_minus_direct_p50_ms']} ms). The same Router work run "
-          f"in the caller's process (router.client.LocalRouter, for Python callers; no ingress hop) adds "
+          f"in the caller's process (deployments.client.LocalRouter, for Python callers; no ingress hop) adds "
           f"{added['local_router_minus_direct_p50_ms']} ms at p50: {'within' if local_met else 'over'} the "
           f"{target_ms} ms. HTTP callers still go through the ingress.", ""]
     (out / "router_overhead.md").write_text("\n".join(L), encoding="utf-8")

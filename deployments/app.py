@@ -1,7 +1,8 @@
 """Builds the Serve application from serve_config.yaml's ``args`` (an application builder).
 
 ``serve run serve_config.yaml`` imports ``deployments.app:app`` and calls it with the args;
-the same args reach every deployment, which validates them as :class:`AppConfig`.
+the replicas get the args and validate them as :class:`AppConfig`; the Router ingress gets
+its own part (router.settings.IngressSettings) and the registry's loader.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_queued_requests=i.max_queued_requests,
         ray_actor_options={"num_cpus": i.num_cpus},
     )
-    return ingress.bind(replica.bind(args), args)
+    # The registry loads in the ingress's own process (its files must be readable there); the
+    # loader is the validated config's bound method, pickled with the app.
+    return ingress.bind(replica.bind(args), cfg.load_registry, cfg.ingress)
 
 
 app = build_app

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router.registry import Registry
+from router.settings import IngressSettings
 
 
 class ReplicaSettings(BaseModel):
@@ -46,18 +47,6 @@ class ReplicaSettings(BaseModel):
         default=False,
         description="TEST SEAM (deployments/faults.py): lets ModelReplica.inject_faults arm injected out-of-memory "
                     "errors and delays. Off by default; never enable it in production configs.")
-
-
-class IngressSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=0.25, ge=0)
-    max_ongoing_requests: int = Field(default=256, ge=1)
-    max_queued_requests: int = Field(default=512, ge=-1)
-    request_timeout_s: float = Field(default=120.0, gt=0)
-    max_body_bytes: int = Field(default=64 * 1024, gt=0)
-    admin_token_env: str = Field(default="MEMROUTER_ADMIN_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
 
 
 class AppConfig(BaseModel):

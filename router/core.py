@@ -3,7 +3,7 @@ registry -> estimate -> admission -> the ModelReplica deployment's handle, whose
 RequestRouter (router/request_router.py) picks the replica.
 
 Two shells run it: the ingress deployment (router/ingress.py: HTTP and its own handle
-method) and :class:`router.client.LocalRouter`, in the caller's process. Failures raise
+method) and :class:`deployments.client.LocalRouter`, in the caller's process. Failures raise
 :class:`ServiceError` carrying the HTTP status the same failure gets over HTTP.
 """
 
@@ -17,12 +17,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppConfig
 from router.api import GenerateRequest, GenerateResponse, RequestLimitError, resolve_request
 from router.estimator import TARGET_DTYPE_BYTES, EstimateError, Estimator
 from router.placement import Need
-from router.registry import CheckpointSpec, Dtype, UnknownCheckpointError
+from router.registry import CheckpointSpec, Dtype, Registry, UnknownCheckpointError
 from router.request_router import ReportBoard
+from router.settings import IngressSettings
 
 log = logging.getLogger("memrouter.router")
 
@@ -61,7 +61,7 @@ def admission_problem(need: Need, reports: dict[str, dict[str, Any]]) -> str | N
 
 
 class RouterCore:
-    """One Router: its registry (from ``cfg``), estimator and the replica deployment's handle.
+    """One Router: its registry, settings, estimator and the replica deployment's handle.
 
     Not a deployment: the ingress holds one per ingress replica, LocalRouter one per
     caller. Admission reads the replica reports that reach this process's request router
@@ -69,9 +69,9 @@ class RouterCore:
     ``replicas`` has built that router (:meth:`ensure_reports` primes it).
     """
 
-    def __init__(self, replicas: DeploymentHandle, cfg: AppConfig):
-        self.settings = cfg.ingress
-        self.registry = cfg.load_registry()
+    def __init__(self, replicas: DeploymentHandle, registry: Registry, settings: IngressSettings):
+        self.settings = settings
+        self.registry = registry
         self.estimator = Estimator()
         self.replicas = replicas
 

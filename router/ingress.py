@@ -6,7 +6,7 @@ ModelReplica deployment through a DeploymentHandle whose memory-aware RequestRou
 
 Both entry points share :meth:`RouterCore.generate`; the handle method raises
 :class:`ServiceError` where HTTP answers ``{"error": {"code", "message"}}`` with a status.
-router.client.LocalRouter runs the same core in the caller's process, without this hop.
+deployments.client.LocalRouter runs the same core in the caller's process, without this hop.
 """
 
 
@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,12 +25,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.config import AppConfig, IngressSettings
 from router.api import AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse
 from router.core import REPLICA_DEPLOYMENT, RouterCore, ServiceError
 from router.estimator import EstimateError
 from router.registry import Dtype
+from router.registry import Registry
 from router.request_router import ReportBoard
+from router.settings import IngressSettings
 
 log = logging.getLogger("memrouter.ingress")
 
@@ -182,14 +183,20 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 
 @serve.ingress(app)
 class RouterIngress:
-    """The ingress deployment class; ``replicas`` is the ModelReplica deployment handle."""
+    """The ingress deployment class.
 
-    def __init__(self, replicas: DeploymentHandle, config: dict[str, Any]):
-        cfg = AppConfig.model_validate(config)
-        self._core = RouterCore(replicas, cfg)  # registry, estimator, settings, the replicas' handle
-        self._token = os.environ.get(cfg.ingress.admin_token_env) or None
-        self._token_env = cfg.ingress.admin_token_env
-        BodyLimitMiddleware.max_body_bytes = cfg.ingress.max_body_bytes
+    ``replicas``: the ModelReplica deployment handle; ``load_registry``: builds the registry
+    in this replica's process, where the checkpoints' files must be readable (the estimator
+    reads their headers), e.g. ``AppConfig.load_registry``; ``settings``: this Router's.
+    """
+
+    def __init__(self, replicas: DeploymentHandle, load_registry: Callable[[], Registry], settings: IngressSettings):
+        if not isinstance(settings, IngressSettings):
+            settings = IngressSettings.model_validate(settings)
+        self._core = RouterCore(replicas, load_registry(), settings)
+        self._token = os.environ.get(settings.admin_token_env) or None
+        self._token_env = settings.admin_token_env
+        BodyLimitMiddleware.max_body_bytes = settings.max_body_bytes
 
     # ---- Python handle API -------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerateResponse:

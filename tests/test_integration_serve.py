@@ -131,9 +131,9 @@ def test_handle_errors_are_typed(app):
 
 
 def test_local_router_serves_from_this_process_as_the_ingress_does(client):
-    """router.client.LocalRouter: the Router's path in the test process, the replica
+    """deployments.client.LocalRouter: the Router's path in the test process, the replica
     deployment's handle called directly (its request router runs here)."""
-    from router.client import LocalRouter
+    from deployments.client import LocalRouter
     from tests.serve_harness import default_args, deep_update
 
     with LocalRouter(deep_update(default_args(), PATCH)) as local:
@@ -143,7 +143,7 @@ def test_local_router_serves_from_this_process_as_the_ingress_does(client):
 def _check_local_router(local, client) -> None:
     from pydantic import ValidationError
 
-    from router.client import ServiceError
+    from deployments.client import ServiceError
 
     body = {"checkpoint": "demo-xs", "prompt": "a red cube", "seed": 1234, "width": 64, "height": 64,
             "num_inference_steps": 2}

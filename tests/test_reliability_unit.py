@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from deployments import pipelines as P
-from deployments.config import AppConfig, IngressSettings
+from deployments.config import AppConfig
+from router.settings import IngressSettings
 from deployments.faults import Fault, FaultInjector
 from router.api import GenerateRequest
 from router.core import admission_problem
@@ -386,7 +387,7 @@ def test_fault_injection_is_refused_when_off(demo_dir):
 
 
 def test_local_router_refuses_to_start_without_a_ray_connection(monkeypatch):
-    import router.client as client
+    import deployments.client as client
 
     monkeypatch.setattr(client.ray, "is_initialized", lambda: False)
     with pytest.raises(RuntimeError, match="ray.init"):

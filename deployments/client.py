@@ -8,7 +8,7 @@ that work itself and call the ModelReplica deployment's handle directly; the mem
 request router (router/request_router.py) then runs in this process, as it does in the
 ingress, and places the request on the same terms.
 
-    from router.client import LocalRouter
+    from deployments.client import LocalRouter
     with LocalRouter(app_config) as router:     # the args the app was deployed with
         response = router.generate({"checkpoint": "demo-s", "prompt": "a red cube"})
 
@@ -53,7 +53,8 @@ class LocalRouter:
             # Else Serve's handle lookup would start a new local Ray cluster with no app in it.
             raise RuntimeError("LocalRouter needs a Ray connection to the app's cluster: call "
                                "ray.init(address=...) first")
-        self._core = RouterCore(serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=app_name), cfg)
+        self._core = RouterCore(serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=app_name),
+                                cfg.load_registry(), cfg.ingress)
 
     async def generate_async(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
         """Generate in the running event loop; ``request`` as for POST /v1/generate."""

@@ -1,0 +1,24 @@
+"""The Router's own settings (the ``ingress`` section of the app's args).
+
+Here, beside the router, so that the router layer needs nothing of the application that
+deploys it: deployments/config.py nests these in its AppConfig.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class IngressSettings(BaseModel):
+    """One Router: its ingress deployment (replicas, CPUs, queue limits) and its request path
+    (timeout, body cap, admin token)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.25, ge=0)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=512, ge=-1)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    admin_token_env: str = Field(default="MEMROUTER_ADMIN_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
