@@ -8,7 +8,14 @@ Accounting:
   flight + bytes being loaded (reserved at their estimate) + bytes being moved off.
 - An entry in use (pinned by a lease) is never evicted, offloaded or released.
 - ``acquire`` never over-commits: if the need cannot fit even after evicting every unpinned
-  entry it evicts nothing and returns a :class:`Shortfall` with the numbers.
+  entry it evicts nothing and returns a :class:`Shortfall` with the numbers. Caveat: the
+  room a load evicts for is not reserved while its victims move off; a hit that runs
+  concurrently with that eviction may take it. The replica runs one acquire at a time.
+- A checkpoint's measured bytes are remembered after its first disk load: the next load
+  plans with them where they exceed the estimate (no load that is bound to be given back).
+- A backend error while entries move (to host, back, freed) leaves the entries it did not
+  finish usable and counted where they were (the failing one on the device): none stays
+  claimed, so none is lost to the books.
 
 Concurrency: bookkeeping is guarded by a short lock; device I/O (load, move, free) is
 serialized by a second lock, so a cache hit and ``report()`` never wait behind a load.
@@ -87,7 +94,9 @@ class Shortfall:
     budget_bytes: int
     used_bytes: int
     pinned_bytes: int
-    reason: str  # "exceeds_budget": never fits here; "in_use": pinned entries hold the room
+    reason: str  # "exceeds_budget": never fits here; "in_use": pinned entries hold the room;
+    # "entries_in_use": room enough, but every entry slot (max_resident) is pinned
+    max_resident: int = 0  # the entry cap, for "entries_in_use"
 
     @property
     def permanent(self) -> bool:
@@ -98,6 +107,11 @@ class Shortfall:
             return (
                 f"checkpoint {self.checkpoint!r} needs {self.need_bytes} bytes but the device budget is "
                 f"{self.budget_bytes} bytes"
+            )
+        if self.reason == "entries_in_use":
+            return (
+                f"checkpoint {self.checkpoint!r} needs an entry slot; all {self.max_resident} (max_resident) hold "
+                f"pipelines in use by requests in flight"
             )
         return (
             f"checkpoint {self.checkpoint!r} needs {self.need_bytes} bytes; {self.pinned_bytes} of the "
@@ -208,6 +222,7 @@ class PipelineCache:
         self._workspace_bytes = 0
         self._in_flight = 0
         self._leaving_bytes = 0  # evicted in the books, device memory not yet given back
+        self._measured: dict[str, int] = {}  # name -> device bytes its last disk load measured
         self._lock = threading.RLock()
         self._io = threading.Lock()
 
@@ -228,12 +243,16 @@ class PipelineCache:
         cands = [e for e in self._entries.values() if e.tier is tier and not e.pins and not e.busy and e.name != exclude]
         return sorted(cands, key=lambda e: e.last_used_s)  # stable: insertion order breaks ties
 
-    def _plan(self, name: str, need_bytes: int, adds_resident: bool) -> list[_Entry] | Shortfall:
-        """Victims to evict (LRU first) so ``need_bytes`` fits, or the shortfall. Changes nothing."""
+    def _plan(self, name: str, need_bytes: int, adds_resident: bool, footprint_bytes: int) -> list[_Entry] | Shortfall:
+        """Victims to evict (LRU first) so ``need_bytes`` fits, or the shortfall. Changes nothing.
+
+        ``footprint_bytes``: the entry's bytes plus the workspace, resident or not; above the
+        budget it can never fit (permanent), whatever ``need_bytes`` is left to find.
+        """
         budget = self.config.device_budget_bytes
         used = self._device_used()
-        if need_bytes > budget:
-            return Shortfall(name, need_bytes, budget, used, self._pinned_bytes(), "exceeds_budget")
+        if footprint_bytes > budget:
+            return Shortfall(name, footprint_bytes, budget, used, self._pinned_bytes(), "exceeds_budget")
         victims: list[_Entry] = []
         free = budget - used
         resident = sum(1 for e in self._entries.values() if e.tier is Tier.DEVICE) + int(adds_resident)
@@ -243,8 +262,11 @@ class PipelineCache:
             victims.append(cand)
             free += cand.bytes
             resident -= 1
-        if free < need_bytes or resident > self.config.max_resident:
+        if free < need_bytes:
             return Shortfall(name, need_bytes, budget, used, self._pinned_bytes(), "in_use")
+        if resident > self.config.max_resident:
+            return Shortfall(name, need_bytes, budget, used, self._pinned_bytes(), "entries_in_use",
+                             self.config.max_resident)
         return victims
 
     # ---- device I/O (call with self._io held, self._lock NOT held) ----------------------------
@@ -256,34 +278,55 @@ class PipelineCache:
             e.busy = True
         return entries
 
+    def _unclaim(self, entries: list[_Entry]) -> None:
+        """Give back claimed entries still in the books, where they are (after a backend error)."""
+        with self._lock:
+            for e in entries:
+                if self._entries.get(e.name) is e:
+                    e.busy = False
+
     def _move_off_device(self, victims: list[_Entry], *, evicting: bool) -> None:
-        """Offload each claimed victim to host (LRU host entries released for room) or release it."""
-        for v in victims:
-            with self._lock:
-                to_host = self.config.host_tier and v.offloadable
-                host_victims: list[_Entry] = []
-                if to_host:
-                    room = self.config.host_budget_bytes - self._host_used()
-                    for h in self._lru(Tier.HOST):
-                        if room >= v.bytes:
-                            break
-                        host_victims.append(h)
-                        room += h.bytes
-                    if room < v.bytes:
-                        to_host, host_victims = False, []
-                        self._counters.host_full_releases += 1
-                self._claim(host_victims)
-                if evicting:
-                    self._counters.evictions += 1
-            for h in host_victims:
-                self._drop(h)
+        """Offload each claimed victim to host (LRU host entries released for room) or release it.
+
+        On a backend error the victims not yet moved, and the failing one (still counted on
+        the device), are unclaimed before it propagates.
+        """
+        for i, v in enumerate(victims):
+            host_victims: list[_Entry] = []
+            try:
+                self._move_one_off(v, host_victims, evicting)
+            except BaseException:
+                self._unclaim(host_victims + victims[i:])
+                raise
+
+    def _move_one_off(self, v: _Entry, host_victims: list[_Entry], evicting: bool) -> None:
+        """Move claimed ``v`` off the device; ``host_victims`` is filled with the host entries
+        claimed for its room and emptied as they are dropped."""
+        with self._lock:
+            to_host = self.config.host_tier and v.offloadable
             if to_host:
-                self._backend.to_host(v.obj)
-                with self._lock:
-                    v.tier, v.busy = Tier.HOST, False
-                    self._counters.offloads += 1
-            else:
-                self._drop(v)
+                room = self.config.host_budget_bytes - self._host_used()
+                for h in self._lru(Tier.HOST):
+                    if room >= v.bytes:
+                        break
+                    host_victims.append(h)
+                    room += h.bytes
+                if room < v.bytes:
+                    to_host = False
+                    host_victims.clear()
+                    self._counters.host_full_releases += 1
+            self._claim(host_victims)
+            if evicting:
+                self._counters.evictions += 1
+        while host_victims:
+            self._drop(host_victims.pop(0))  # out of the books before its free runs
+        if to_host:
+            self._backend.to_host(v.obj)
+            with self._lock:
+                v.tier, v.busy = Tier.HOST, False
+                self._counters.offloads += 1
+        else:
+            self._drop(v)
 
     def _drop(self, e: _Entry) -> None:
         """Remove ``e`` from the books and free it; its device bytes count until freed."""
@@ -344,9 +387,10 @@ class PipelineCache:
         with self._lock:
             e = self._entries.get(name)
             tier = e.tier if e is not None else Tier.DISK
-            entry_bytes = e.bytes if e is not None else weights_bytes
+            # A disk load plans with the larger of the estimate and what it measured last time.
+            entry_bytes = e.bytes if e is not None else max(weights_bytes, self._measured.get(name, 0))
             need = workspace_bytes + (0 if tier is Tier.DEVICE else entry_bytes)
-            plan = self._plan(name, need, adds_resident=tier is not Tier.DEVICE)
+            plan = self._plan(name, need, tier is not Tier.DEVICE, entry_bytes + workspace_bytes)
             if isinstance(plan, Shortfall):
                 self._counters.shortfalls += 1
                 return plan
@@ -357,12 +401,17 @@ class PipelineCache:
                 # (bench/repros/cache_host_self_eviction.py). It still counts as host
                 # bytes until it moves, so the victims' host room is judged conservatively.
                 self._claim([e])
-        self._move_off_device(plan, evicting=True)
+        try:
+            self._move_off_device(plan, evicting=True)
+        except BaseException:
+            if tier is Tier.HOST:
+                self._unclaim([e])
+            raise
         with self._lock:
             if tier is Tier.DEVICE:
                 return self._pin(e, workspace_bytes, Tier.DEVICE, 0.0)
             if e is None:
-                e = _Entry(name, Tier.DEVICE, None, weights_bytes, weights_bytes, offloadable, self._clock())
+                e = _Entry(name, Tier.DEVICE, None, entry_bytes, weights_bytes, offloadable, self._clock())
                 self._entries[name] = e
             e.tier, e.busy = Tier.DEVICE, True  # reserved at entry_bytes while it loads
         start = self._clock()
@@ -385,23 +434,30 @@ class PipelineCache:
         load_s = self._clock() - start
         with self._lock:
             if tier is Tier.DISK:
-                e.bytes = measured
+                e.bytes = self._measured[name] = measured
                 self._counters.disk_loads += 1
             else:
                 self._counters.host_reloads += 1
-            e.busy = False
-            # The lease's own workspace is added at pin time, so it counts here too.
+            # Still claimed (busy) until pinned: no concurrent hit takes it while an overrun
+            # is settled. The lease's own workspace is added at pin time, so it counts here too.
             over = self._device_used() + workspace_bytes - self.config.device_budget_bytes
+            never = e.bytes + workspace_bytes > self.config.device_budget_bytes
         if over > 0:
             # Measured above the estimate: evict more, or give the load back.
-            if not self._evict_for_overrun(e, over):
+            try:
+                settled = not never and self._evict_for_overrun(e, over)
+            except BaseException:
+                self._drop(e)
+                raise
+            if not settled:
                 with self._lock:
                     self._counters.shortfalls += 1
                     short = Shortfall(name, e.bytes + workspace_bytes, self.config.device_budget_bytes,
-                                      self._device_used(), self._pinned_bytes(), "in_use")
+                                      self._device_used(), self._pinned_bytes(), "exceeds_budget" if never else "in_use")
                 self._drop(e)
                 return short
         with self._lock:
+            e.busy = False
             return self._pin(e, workspace_bytes, tier, load_s)
 
     def _evict_for_overrun(self, e: _Entry, over: int) -> bool:
@@ -448,15 +504,23 @@ class PipelineCache:
                 ]
                 self._claim(release + offload)
             actions = [(e.name, "offload") for e in offload] + [(e.name, "release") for e in release]
-            self._move_off_device(offload, evicting=False)
+            try:
+                self._move_off_device(offload, evicting=False)
+            except BaseException:
+                self._unclaim(release)
+                raise
             self._release_entries(release)
             return actions
         finally:
             self._io.release()
 
     def _release_entries(self, entries: list[_Entry]) -> None:
-        for e in entries:  # claimed by the caller
-            self._drop(e)
+        for i, e in enumerate(entries):  # claimed by the caller
+            try:
+                self._drop(e)  # out of the books before its free runs
+            except BaseException:
+                self._unclaim(entries[i + 1:])
+                raise
 
     def offload(self, name: str | None = None) -> list[str]:
         """Admin: move idle DEVICE entries (one or all) off the device; returns their names.

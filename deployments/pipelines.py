@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import threading
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+log = logging.getLogger("memrouter.pipelines")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _QUANT_BACKENDS = {"int8": "bitsandbytes_8bit", "nf4": "bitsandbytes_4bit"}
@@ -249,13 +252,29 @@ def move_pipeline(pipe: Any, device: str, *, pin_host_memory: bool = False) -> N
     in page-locked memory so that moving back to the GPU is faster; ignored without CUDA
     (pinning needs a CUDA context). Pinned memory cannot be swapped out: size the host
     budget accordingly.
+
+    All or nothing: when a move fails (out of memory on the device, say), the components
+    already moved, and the one that failed part way, go back where they were before the
+    error propagates, so the pipeline stays whole where the cache books it.
     """
-    for module in module_components(pipe).values():
-        module.to(device)
-        if device == "cpu" and pin_host_memory and torch.cuda.is_available():
-            unpinned = [t for t in _tensors(module) if t.device.type == "cpu" and not t.is_pinned()]
-            if unpinned:
-                _rehome(unpinned, lambda s: s.pin_memory())
+    moved: list[tuple[Any, torch.device]] = []
+    try:
+        for module in module_components(pipe).values():
+            first = next(_tensors(module), None)
+            if first is not None:
+                moved.append((module, first.device))
+            module.to(device)
+            if device == "cpu" and pin_host_memory and torch.cuda.is_available():
+                unpinned = [t for t in _tensors(module) if t.device.type == "cpu" and not t.is_pinned()]
+                if unpinned:
+                    _rehome(unpinned, lambda s: s.pin_memory())
+    except BaseException:
+        for module, home in reversed(moved):
+            try:
+                module.to(home)
+            except Exception:  # noqa: BLE001 - the first error is the one to raise
+                log.exception("moving %s back to %s after a failed move", type(module).__name__, home)
+        raise
 
 
 # ---- freeing ---------------------------------------------------------------------------------

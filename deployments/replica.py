@@ -168,6 +168,9 @@ class ModelReplica:
                         log.exception("generate failed for %s", req.checkpoint)
                         return error(500, "inference_failed", f"{type(exc).__name__} while running {req.checkpoint!r}")
                     log.warning("out of memory serving %s (attempt %d): %s", req.checkpoint, attempt, type(exc).__name__)
+                if attempt == 2:
+                    self._sample("oom")
+                    break  # no retry follows: nothing to free for
                 # Only an out-of-memory error gets here (every other outcome returned above).
                 # Recover outside the handler: the exception's traceback holds the failed
                 # frames (and on CUDA their intermediate tensors) until the block ends.

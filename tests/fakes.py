@@ -30,6 +30,10 @@ class FakeBackend:
     sizes: dict[str, int]
     measured_delta: dict[str, int] = field(default_factory=dict)
     fail_load: set[str] = field(default_factory=set)
+    # Raise once on the next to_host / to_device / free of these names (then work again).
+    fail_to_host: set[str] = field(default_factory=set)
+    fail_to_device: set[str] = field(default_factory=set)
+    fail_free: set[str] = field(default_factory=set)
     calls: list[tuple[str, str]] = field(default_factory=list)
     leaks: int = 0
 
@@ -42,17 +46,26 @@ class FakeBackend:
     def measure(self, obj: FakeModel) -> int:
         return self.sizes[obj.name] + self.measured_delta.get(obj.name, 0)
 
+    @staticmethod
+    def _maybe_fail(names: set[str], op: str, name: str) -> None:
+        if name in names:
+            names.discard(name)
+            raise RuntimeError(f"injected {op} failure for {name}")
+
     def to_host(self, obj: FakeModel) -> None:
+        self._maybe_fail(self.fail_to_host, "to_host", obj.name)
         assert obj.where == "device" and not obj.freed
         obj.where = "host"
         self.calls.append(("to_host", obj.name))
 
     def to_device(self, obj: FakeModel) -> None:
+        self._maybe_fail(self.fail_to_device, "to_device", obj.name)
         assert obj.where == "host" and not obj.freed
         obj.where = "device"
         self.calls.append(("to_device", obj.name))
 
     def free(self, obj: FakeModel) -> None:
+        self._maybe_fail(self.fail_free, "free", obj.name)
         assert not obj.freed, f"{obj.name} freed twice"
         obj.freed = True
         self.calls.append(("free", obj.name))

@@ -158,8 +158,77 @@ def test_measured_overrun_that_cannot_fit_gives_the_load_back():
     cache, backend, clock = make(measured_delta={"d": 60})  # d measures 110 > budget
     short = cache.acquire("d", weights_bytes=50)
     assert isinstance(short, Shortfall)
+    assert short.permanent and short.need_bytes == 110  # 413, not a 503 to retry into the same load
     assert backend.calls == [("load", "d"), ("free", "d")]
     assert cache.report().entries == () and cache.report().device_used_bytes == 0
+    again = cache.acquire("d", weights_bytes=50)  # the measured 110 is remembered: no second load
+    assert isinstance(again, Shortfall) and again.permanent and again.need_bytes == 110
+    assert backend.calls == [("load", "d"), ("free", "d")]
+
+
+def test_a_measured_overrun_is_planned_for_on_the_next_load():
+    cache, backend, clock = make(measured_delta={"d": 25})  # d measures 75
+    use(cache, clock, "d")
+    cache.release("d")
+    for n in ("a", "b"):
+        use(cache, clock, n)
+    backend.calls.clear()
+    use(cache, clock, "d")  # plans for 75 (not the estimate 50): both victims before the load
+    assert backend.calls == [("to_host", "a"), ("to_host", "b"), ("load", "d")]
+
+
+def test_a_resident_entry_whose_workspace_can_never_fit_is_a_permanent_shortfall():
+    cache, backend, clock = make()
+    use(cache, clock, "d")  # 50 resident
+    short = cache.acquire("d", weights_bytes=50, workspace_bytes=60)  # 110 > 100 whatever is evicted
+    assert isinstance(short, Shortfall) and short.permanent and short.need_bytes == 110
+    assert tiers(cache) == {"d": "device"}
+
+
+def test_a_failed_move_to_host_during_a_reload_leaves_every_entry_usable():
+    cache, backend, clock = make(budget=60, host=200)
+    use(cache, clock, "d")
+    use(cache, clock, "a")  # d (50) -> host to make room
+    assert tiers(cache) == {"d": "host", "a": "device"}
+    backend.fail_to_host.add("a")
+    with pytest.raises(RuntimeError, match="injected to_host"):
+        cache.acquire("d", weights_bytes=50)  # reload d: evicting a fails
+    assert tiers(cache) == {"d": "host", "a": "device"}  # where they were, counted there
+    assert not any(e.busy for e in cache._entries.values())  # none left claimed
+    assert cache.report().device_used_bytes == 30
+    lease = cache.acquire("d", weights_bytes=50)  # works once the backend does
+    assert isinstance(lease, Lease) and lease.served_from is Tier.HOST
+    lease.release()
+    assert tiers(cache) == {"a": "host", "d": "device"}
+
+
+def test_a_failed_free_during_a_release_leaves_the_other_entries_usable():
+    cache, backend, clock = make()
+    for n in ("a", "b", "c"):
+        use(cache, clock, n)
+    backend.fail_free.add("a")
+    with pytest.raises(RuntimeError, match="injected free"):
+        cache.release()
+    # a is out of the books (its free was attempted); b and c stay, unclaimed.
+    assert tiers(cache) == {"b": "device", "c": "device"}
+    assert not any(e.busy for e in cache._entries.values())
+    assert cache.release() == ["b", "c"]
+    assert cache.report().device_used_bytes == 0
+
+
+def test_a_failed_offload_in_tick_leaves_its_releases_usable():
+    cache, backend, clock = make(offload_s=10, release_s=20)
+    use(cache, clock, "a")
+    use(cache, clock, "b")
+    cache.offload("a")  # a on host
+    clock.advance(25)  # a past release, b past offload... and release: both release
+    use(cache, clock, "c")
+    clock.advance(15)  # c past offload only
+    backend.fail_to_host.add("c")
+    with pytest.raises(RuntimeError, match="injected to_host"):
+        cache.tick()
+    assert not any(e.busy for e in cache._entries.values())
+    assert cache.tick() == [("c", "offload"), ("a", "release"), ("b", "release")]
 
 
 def test_load_failure_leaves_nothing_behind():
@@ -176,6 +245,15 @@ def test_max_resident_cap_evicts_by_count():
     for n in ("a", "b", "c"):
         use(cache, clock, n)
     assert tiers(cache) == {"a": "host", "b": "device", "c": "device"}
+
+
+def test_a_pinned_entry_cap_says_so_not_bytes():
+    cache, backend, clock = make(max_resident=1)
+    lease = cache.acquire("a", weights_bytes=30)
+    short = cache.acquire("b", weights_bytes=30)
+    assert isinstance(short, Shortfall) and short.reason == "entries_in_use" and not short.permanent
+    assert "entry slot" in short.message() and "max_resident" in short.message()
+    lease.release()
 
 
 def test_idle_timers_offload_then_release():

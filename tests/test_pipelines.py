@@ -184,6 +184,36 @@ def test_move_to_cpu_keeps_weights(xs):
     assert P.measure_bytes(xs) == measured
 
 
+class _RecordingModule(torch.nn.Linear):
+    """Records where it is sent (moves nothing: a CPU host has one real device); one can
+    refuse its first move, as a GPU out of memory would."""
+
+    def __init__(self, log: list[tuple[str, str]], name: str, fail: bool = False):
+        super().__init__(2, 2)
+        self._log, self._name, self._fail = log, name, fail
+
+    def to(self, device, *args, **kwargs):
+        self._log.append((self._name, str(device)))
+        if self._fail:
+            self._fail = False
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return self
+
+
+def test_a_failed_move_puts_what_moved_back():
+    log: list[tuple[str, str]] = []
+
+    class Pipe:
+        components = {"text_encoder": _RecordingModule(log, "text_encoder"), "tokenizer": object(),
+                      "unet": _RecordingModule(log, "unet", fail=True), "vae": _RecordingModule(log, "vae")}
+
+    with pytest.raises(torch.OutOfMemoryError):
+        P.move_pipeline(Pipe(), "cuda")
+    # The failing component too (a module can fail part way through its tensors); the
+    # later one was never sent.
+    assert log == [("text_encoder", "cuda"), ("unet", "cuda"), ("unet", "cpu"), ("text_encoder", "cpu")]
+
+
 def test_run_refuses_a_pipeline_on_another_device(xs):
     with pytest.raises(RuntimeError, match="expected cuda"):
         P.run_pipeline(xs, prompt="x", width=64, height=64, num_inference_steps=1, guidance_scale=1.0,

@@ -383,7 +383,7 @@ def test_out_of_memory_twice_answers_503_and_the_replica_stays_healthy(app, clie
     rid = next(x for x, n in fired.items() if n == 2)
     arm(app, [], clear=True)
     mid = fresh_reports(client, time.time())
-    assert mid[rid]["counters"]["oom_recoveries"] == before[rid]["counters"]["oom_recoveries"] + 2
+    assert mid[rid]["counters"]["oom_recoveries"] == before[rid]["counters"]["oom_recoveries"] + 1  # one retry
     assert mid[rid]["entries"] == [] and mid[rid]["device_used_bytes"] == 0, "nothing half-resident"
     assert all(rep["leaked_modules"] == 0 for rep in mid.values())
     assert client.get("/healthz").status_code == 200
