@@ -33,6 +33,7 @@ class _Placed:
     weights_bytes: int
     routed_s: float
     completed_s: float | None = None
+    tentative: bool = False  # picked by the router, not yet accepted by a replica
 
 
 class Ledger:
@@ -57,10 +58,14 @@ class Ledger:
             del self._log_versions[:_LOG_MAX // 2]
             del self._log_replicas[:_LOG_MAX // 2]
 
-    def routed(self, request_id: str, replica_id: str, checkpoint: str, *, weights_bytes: int, now_s: float) -> None:
+    def routed(self, request_id: str, replica_id: str, checkpoint: str, *, weights_bytes: int, now_s: float,
+               tentative: bool = False) -> None:
         """Record (or move) ``request_id``'s placement. Called when the router picks a replica
-        (tentative: the next request of a burst must see it at once) and again when the
-        replica accepts, which may be another replica."""
+        (``tentative``: the next request of a burst must see it at once) and again when the
+        replica accepts, which may be another replica. A request still waiting for room is
+        picked again at every retry, which renews its tentative record; one that gave up
+        (cancelled, timed out) is picked no more, and its record goes after
+        ``tentative_max_age_s`` (see :meth:`report_arrived`)."""
         old = self._where.get(request_id)
         if old is not None and old != replica_id:
             placed = self._by_replica.get(old)
@@ -68,7 +73,8 @@ class Ledger:
                 placed.pop(request_id, None)
                 self._touch(old)
         self._where[request_id] = replica_id
-        self._by_replica.setdefault(replica_id, {})[request_id] = _Placed(replica_id, checkpoint, weights_bytes, now_s)
+        self._by_replica.setdefault(replica_id, {})[request_id] = _Placed(replica_id, checkpoint, weights_bytes, now_s,
+                                                                          None, tentative)
         self._touch(replica_id)
 
     def completed(self, request_id: str, replica_id: str, *, now_s: float) -> None:
@@ -82,14 +88,20 @@ class Ledger:
             self._where.pop(request_id, None)
         self._touch(replica_id)
 
-    def report_arrived(self, replica_id: str, report_s: float, *, max_age_s: float = 600.0) -> None:
+    def report_arrived(self, replica_id: str, report_s: float, *, max_age_s: float = 600.0,
+                       tentative_max_age_s: float = 30.0) -> None:
         """Forget placements on ``replica_id`` that completed before its report was taken,
-        and any older than ``max_age_s`` (a completion callback that never came)."""
+        any older than ``max_age_s`` (a completion callback that never came), and tentative
+        ones not renewed for ``tentative_max_age_s`` (a request that gave up while waiting for
+        room: Ray then calls back neither on routing nor on completion; a waiting request is
+        picked again at least every max backoff, 0.5 s by default)."""
         placed = self._by_replica.get(replica_id)
         if not placed:
             return
+        oldest_s, oldest_tentative_s = report_s - max_age_s, report_s - tentative_max_age_s
         gone = [k for k, p in placed.items()
-                if (p.completed_s is not None and p.completed_s < report_s) or p.routed_s < report_s - max_age_s]
+                if (p.completed_s is not None and p.completed_s < report_s) or p.routed_s < oldest_s
+                or (p.tentative and p.routed_s < oldest_tentative_s)]
         for k in gone:
             del placed[k]
             self._where.pop(k, None)

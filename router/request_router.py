@@ -133,10 +133,11 @@ class MemoryAwareRequestRouter(RequestRouter):
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._ledger.completed(internal_request_id, replica_id.unique_id, now_s=time.time())
 
-    def _record(self, pending_request: PendingRequest, need: Need, replica: RunningReplica | None, rid: str) -> None:
+    def _record(self, pending_request: PendingRequest, need: Need, replica: RunningReplica | None, rid: str,
+                tentative: bool = False) -> None:
         dtype = (replica.routing_stats if replica is not None else {}).get("default_dtype", "float16")
         self._ledger.routed(pending_request.metadata.internal_request_id, rid, need.checkpoint,
-                            weights_bytes=need.at(dtype)[0], now_s=time.time())
+                            weights_bytes=need.at(dtype)[0], now_s=time.time(), tentative=tentative)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -170,7 +171,7 @@ class MemoryAwareRequestRouter(RequestRouter):
             # Tentative: the next request of a burst must see this placement now, not after
             # the replica accepts; on_request_routed moves it if Ray sends elsewhere.
             best = ranks[0][0]
-            self._record(pending_request, need, best, best.replica_id.unique_id)
+            self._record(pending_request, need, best, best.replica_id.unique_id, tentative=True)
         return ranks
 
     def rank_for(self, candidates: list[RunningReplica], need: Need,

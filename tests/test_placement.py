@@ -167,6 +167,22 @@ def test_ledger_forgets_after_a_report_taken_after_completion():
     assert len(ledger) == 0
 
 
+def test_a_tentative_placement_not_renewed_is_forgotten_and_an_accepted_one_is_kept():
+    ledger = Ledger()
+    ledger.routed("gave-up", "a", "x", weights_bytes=40, now_s=10.0, tentative=True)  # cancelled while waiting
+    ledger.routed("waiting", "a", "y", weights_bytes=40, now_s=10.0, tentative=True)
+    ledger.routed("accepted", "a", "z", weights_bytes=40, now_s=10.0, tentative=True)
+    ledger.routed("accepted", "a", "z", weights_bytes=40, now_s=10.2)  # on_request_routed
+    ledger.routed("waiting", "a", "y", weights_bytes=40, now_s=35.0, tentative=True)  # picked again at a retry
+    ledger.report_arrived("a", 39.9)  # 29.9 s after the last pick: kept
+    assert ledger.pending("a") == [("x", 1), ("y", 1), ("z", 1)]
+    ledger.report_arrived("a", 40.1)
+    assert ledger.pending("a") == [("y", 1), ("z", 1)]  # running requests can take minutes: z stays
+    ledger.report_arrived("a", 65.1)
+    assert ledger.pending("a") == [("z", 1)]
+    assert len(ledger) == 1
+
+
 def test_routed_again_moves_the_placement_and_completion_needs_the_same_replica():
     ledger = Ledger()
     ledger.routed("1", "a", "x", weights_bytes=40, now_s=1.0)  # tentative pick
@@ -594,3 +610,30 @@ def test_victims_compare_by_mean_last_use_not_summed_idle():
     one = view("one", used=100, a=("device", 50, 15.0), c=("device", 50, 0.0, 1))
     ranked = rank([two, one], need(weights=40, workspace=10))
     assert [(p.replica_id, p.evict_bytes, p.victims_last_used_s) for p in ranked] == [("one", 50, -15.0), ("two", 50, -10.0)]
+
+
+def test_choose_replicas_records_its_pick_as_tentative_and_the_accepted_route_as_not():
+    import asyncio
+    import types
+
+    from ray.serve._private.request_router.common import PendingRequest
+
+    a = _FakeRunningReplica("a", _report(100))
+    router = _router([a])
+    router._replicas = {a.replica_id: a}  # Ray's curr_replicas, which on_request_routed reads
+
+    def pending(rid):
+        return PendingRequest(args=[{"prompt": "p"}, need("x")], kwargs={},
+                              metadata=types.SimpleNamespace(internal_request_id=rid))
+
+    gave_up, accepted = pending("gave-up"), pending("accepted")
+    for p in (gave_up, accepted):
+        assert [[r.replica_id.unique_id for r in rank_] for rank_ in asyncio.run(router.choose_replicas([a], p))] \
+            == [["a"]]
+    router.on_request_routed(accepted, a.replica_id, None)
+    placed = router._ledger._by_replica["a"]
+    assert (placed["gave-up"].tentative, placed["accepted"].tentative) == (True, False)
+    import time
+
+    router._ledger.report_arrived("a", time.time() + 31.0)  # the one that gave up is forgotten
+    assert list(router._ledger._by_replica["a"]) == ["accepted"]
