@@ -94,6 +94,22 @@ def resolve_request(req: GenerateRequest, spec: CheckpointSpec, *, default_seed:
     )
 
 
+# Pixels a side must be a multiple of, by family, where the pipeline wants more than the API's
+# 8: diffusers' SD3 pipeline raises on other sizes (vae scale 8 x patch 2) and Flux's silently
+# resizes to a multiple of 16, so either way the request is refused here, naming the field.
+SIZE_MULTIPLE = {"sd3": 16, "flux": 16}
+
+
+def check_image_size(resolved: "ResolvedRequest", family: str) -> None:
+    """Raise RequestLimitError naming ``width`` or ``height`` when ``family``'s pipeline
+    cannot take that size as asked (``family``: a registry Family value)."""
+    multiple = SIZE_MULTIPLE.get(family, 8)
+    for field, value in (("width", resolved.width), ("height", resolved.height)):
+        if value % multiple:
+            raise RequestLimitError(field, f"{value} is not a multiple of {multiple}, which {family} "
+                                           f"checkpoints need (checkpoint {resolved.checkpoint!r})")
+
+
 class Timings(BaseModel):
     queue: float = Field(description="ms from the router sending to the replica starting")
     load: float = Field(description="ms spent loading or reloading the pipeline (0 on a hit)")

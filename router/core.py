@@ -17,7 +17,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from router.api import GenerateRequest, GenerateResponse, RequestLimitError, resolve_request
+from router.api import GenerateRequest, GenerateResponse, RequestLimitError, check_image_size, resolve_request
 from router.estimator import TARGET_DTYPE_BYTES, EstimateError, Estimator
 from router.placement import Need
 from router.registry import CheckpointSpec, Dtype, Registry, UnknownCheckpointError
@@ -74,9 +74,16 @@ class RouterCore:
         self.registry = registry
         self.estimator = Estimator()
         self.replicas = replicas
+        # The request router for this handle publishes under the same key (request_router.py).
+        self._board_key = (replicas.app_name, replicas.deployment_name)
 
-    def need(self, spec: CheckpointSpec, width: int, height: int, batch: int) -> Need:
-        """Estimates at each dtype a replica might use (its profile default when auto)."""
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """The replicas' latest reports as this process's request router has them (by replica id)."""
+        return ReportBoard.reports(self._board_key)
+
+    def need(self, spec: CheckpointSpec, width: int, height: int, batch: int) -> tuple[Need, str]:
+        """Estimates at each dtype a replica might use (its profile default when auto), and
+        the checkpoint's family (resolved from its files when the registry says auto)."""
         dtypes = list(TARGET_DTYPE_BYTES) if spec.dtype is Dtype.AUTO else [spec.dtype.value]
         weights, workspace = {}, {}
         for d in dtypes:
@@ -85,7 +92,7 @@ class RouterCore:
         if spec.dtype is not Dtype.AUTO:  # every replica serves it at the spec's dtype
             weights = dict.fromkeys(TARGET_DTYPE_BYTES, weights[dtypes[0]])
             workspace = dict.fromkeys(TARGET_DTYPE_BYTES, workspace[dtypes[0]])
-        return Need(spec.name, weights, workspace)
+        return Need(spec.name, weights, workspace), est.family
 
     async def admit(self, need: Need) -> None:
         """Refuse, before any load, a request that fits no replica's budget (413 with numbers).
@@ -94,18 +101,18 @@ class RouterCore:
         call) so that the first requests are judged too; if none come, the replica's cache
         still refuses what cannot fit with the same numbers.
         """
-        if not ReportBoard.reports(REPLICA_DEPLOYMENT):
+        if not self.reports():
             await self.ensure_reports()
         self._judge(need)
 
     def admit_sync(self, need: Need) -> None:
         """:meth:`admit` for synchronous callers (not inside an event loop)."""
-        if not ReportBoard.reports(REPLICA_DEPLOYMENT):
+        if not self.reports():
             self.ensure_reports_sync()
         self._judge(need)
 
     def _judge(self, need: Need) -> None:
-        problem = admission_problem(need, ReportBoard.reports(REPLICA_DEPLOYMENT))
+        problem = admission_problem(need, self.reports())
         if problem is not None:
             raise ServiceError(413, "exceeds_every_budget", problem)
 
@@ -143,20 +150,26 @@ class RouterCore:
         except RequestLimitError as exc:
             raise ServiceError(422, "invalid_request", str(exc)) from None
         try:
-            need = self.need(spec, resolved.width, resolved.height, resolved.num_images)
+            need, family = self.need(spec, resolved.width, resolved.height, resolved.num_images)
         except EstimateError as exc:
             raise ServiceError(500, "checkpoint_unreadable", str(exc)) from None
+        try:
+            check_image_size(resolved, family)
+        except RequestLimitError as exc:
+            raise ServiceError(422, "invalid_request", str(exc)) from None
         return resolved.model_dump() | {"sent_at_s": time.time()}, need, received_s
 
     def _failure(self, exc: BaseException) -> ServiceError:
         """The answer to a failed replica call (one of _CALL_ERRORS)."""
+        # RayTaskError first: Ray makes a replica's exception an instance of its cause's class
+        # too, so a TimeoutError raised inside the replica is one as well, and is no gateway timeout.
+        if isinstance(exc, RayTaskError):  # a bug in replica code: not the client's fault, not transient
+            log.error("replica raised: %s", exc)
+            return ServiceError(500, "internal_error", "the replica failed while serving the request")
         if isinstance(exc, TimeoutError):  # asyncio's and the handle's result() timeout alike
             return ServiceError(504, "timeout", f"no answer within {self.settings.request_timeout_s} s")
         if isinstance(exc, BackPressureError):
             return ServiceError(503, "overloaded", "too many requests queued; retry later", 1)
-        if isinstance(exc, RayTaskError):  # a bug in replica code: not the client's fault, not transient
-            log.error("replica raised: %s", exc)
-            return ServiceError(500, "internal_error", "the replica failed while serving the request")
         # RayActorError, DeploymentUnavailableError: died or unreachable
         log.warning("replica unavailable: %s: %s", type(exc).__name__, exc)
         return ServiceError(503, "replica_unavailable", "the replica serving this request went away; retry", 1)
@@ -173,7 +186,7 @@ class RouterCore:
     async def ensure_reports(self, wait_s: float = 3.0) -> None:
         """Ray builds the request router on the first call through the handle; before that no
         reports reach this process. Prime it with a cheap call and wait for the reports."""
-        if ReportBoard.reports(REPLICA_DEPLOYMENT):
+        if self.reports():
             return
         try:
             await asyncio.wait_for(self.replicas.report.remote(), timeout=wait_s)
@@ -181,12 +194,12 @@ class RouterCore:
             log.warning("priming the request router failed: %s", exc)
             return
         deadline = time.monotonic() + wait_s
-        while not ReportBoard.reports(REPLICA_DEPLOYMENT) and time.monotonic() < deadline:
+        while not self.reports() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
     def ensure_reports_sync(self, wait_s: float = 3.0) -> None:
         """:meth:`ensure_reports` for synchronous callers."""
-        if ReportBoard.reports(REPLICA_DEPLOYMENT):
+        if self.reports():
             return
         try:
             self.replicas.report.remote().result(timeout_s=wait_s)
@@ -194,15 +207,15 @@ class RouterCore:
             log.warning("priming the request router failed: %s", exc)
             return
         deadline = time.monotonic() + wait_s
-        while not ReportBoard.reports(REPLICA_DEPLOYMENT) and time.monotonic() < deadline:
+        while not self.reports() and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def status(self) -> dict[str, Any]:
         """Every replica's latest report as this process's request router has it, plus totals."""
-        reports = sorted(ReportBoard.reports(REPLICA_DEPLOYMENT).values(), key=lambda r: r["replica_id"])
+        reports = sorted(self.reports().values(), key=lambda r: r["replica_id"])
         keys = ("device_budget_bytes", "device_used_bytes", "host_used_bytes", "leaked_modules", "in_flight")
         totals = {k: sum(r[k] for r in reports) for k in keys}
         totals["replicas"] = len(reports)
         # This process's request router: decisions made, and views of replicas it built for
         # them (one per replica whose state or placements changed, not one per report).
-        return {"replicas": reports, "totals": totals, "router": ReportBoard.router_counters(REPLICA_DEPLOYMENT)}
+        return {"replicas": reports, "totals": totals, "router": ReportBoard.router_counters(self._board_key)}

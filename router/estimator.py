@@ -176,9 +176,10 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         if not isinstance(meta, dict):
             raise EstimateError(f"{path.name}: tensor {name!r}: entry is not an object")
         dtype, shape = meta.get("dtype"), meta.get("shape")
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise EstimateError(f"{path.name}: tensor {name!r}: unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        # bool is an int in Python, not a dimension in JSON.
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise EstimateError(f"{path.name}: tensor {name!r}: invalid shape {shape!r}")
         tensors.append(TensorInfo(name, dtype, tuple(shape)))
     return tensors
@@ -265,6 +266,7 @@ class _WeightsKey:
     signature: tuple
     dtype: str
     quantization: str
+    family: str  # the spec's (auto or an override): part of the cached result
 
 
 class Estimator:
@@ -286,7 +288,7 @@ class Estimator:
         index = read_model_index(spec.path)
         comps: dict[str, list[Path]] = {}
         for name, value in index.items():
-            if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            if name.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
                 continue
             folder = spec.path / name
             if folder.is_dir():
@@ -306,7 +308,7 @@ class Estimator:
             (str(p.relative_to(spec.path)), st.st_size, st.st_mtime_ns)
             for files in comps.values() for p in files for st in (os.stat(p),)
         )
-        key = _WeightsKey(str(spec.path), signature, dtype, spec.quantization.value)
+        key = _WeightsKey(str(spec.path), signature, dtype, spec.quantization.value, spec.family.value)
         cached = self._weights.get(key)
         if cached is not None:
             return cached

@@ -26,11 +26,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse
-from router.core import REPLICA_DEPLOYMENT, RouterCore, ServiceError
+from router.core import RouterCore, ServiceError
 from router.estimator import EstimateError
 from router.registry import Dtype
 from router.registry import Registry
-from router.request_router import ReportBoard
 from router.settings import IngressSettings
 
 log = logging.getLogger("memrouter.ingress")
@@ -68,6 +67,13 @@ def body_problem(content_type: str | None, content_length: str | None, max_body_
         if declared > max_body_bytes:
             return 413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {max_body_bytes} bytes"
     return None
+
+
+def admin_token_from_env(env_name: str) -> str | None:
+    """The admin token from ``env_name``, surrounding whitespace removed (a Kubernetes secret
+    written from a file often ends in a newline, which would refuse every admin call); None
+    (admin off) when unset or blank."""
+    return (os.environ.get(env_name) or "").strip() or None
 
 
 def admin_problem(authorization: str | None, token: str | None, token_env: str) -> tuple[int, str, str] | None:
@@ -181,6 +187,14 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
     return error_json(exc.status, exc.code, exc.message, exc.retry_after_s)
 
 
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug here still answers in the documented error shape (not a plain-text 500); the
+    # message says nothing of the cause, the log has it.
+    log.error("unexpected %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+    return error_json(500, "internal_error", "the router failed while handling the request")
+
+
 @serve.ingress(app)
 class RouterIngress:
     """The ingress deployment class.
@@ -194,7 +208,7 @@ class RouterIngress:
         if not isinstance(settings, IngressSettings):
             settings = IngressSettings.model_validate(settings)
         self._core = RouterCore(replicas, load_registry(), settings)
-        self._token = os.environ.get(settings.admin_token_env) or None
+        self._token = admin_token_from_env(settings.admin_token_env)
         self._token_env = settings.admin_token_env
         BodyLimitMiddleware.max_body_bytes = settings.max_body_bytes
 
@@ -214,7 +228,7 @@ class RouterIngress:
     @app.get("/v1/checkpoints", response_model=list[CheckpointInfo])
     async def http_checkpoints(self) -> list[CheckpointInfo]:
         """The registry, each checkpoint with its estimate at its default request shape."""
-        reports = ReportBoard.reports(REPLICA_DEPLOYMENT)
+        reports = self._core.reports()
         default_dtype = next((r["default_dtype"] for r in reports.values()), "float16")
         out = []
         for spec in self._core.registry:
@@ -258,7 +272,7 @@ class RouterIngress:
         results = []
         # One call at a time: Ray keys pending requests by the parent request's id, which
         # every child call of this request shares, so concurrent targeted calls could swap.
-        for rid in sorted(ReportBoard.reports(REPLICA_DEPLOYMENT)):
+        for rid in sorted(self._core.reports()):
             try:
                 call = getattr(self._core.replicas, method).remote(body.checkpoint, _target_replica=rid)
                 results.append(await asyncio.wait_for(call, timeout=self._core.settings.request_timeout_s))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -90,6 +90,16 @@ class CheckpointSpec(BaseModel):
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser()
 
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "CheckpointSpec":
+        # Else every request that leaves the field out gets a 422 blaming the client.
+        for default, limit in (("default_width", "max_width"), ("default_height", "max_height"),
+                               ("default_steps", "max_steps")):
+            value, cap = getattr(self, default), getattr(self, limit)
+            if value is not None and value > cap:
+                raise ValueError(f"{default} {value} exceeds {limit} {cap}: lower it or raise {limit}")
+        return self
+
     @property
     def width(self) -> int:
         return self.default_width or min(512, self.max_width)
@@ -119,7 +129,7 @@ def _check_folder(spec: CheckpointSpec) -> None:
         raise RegistryError(f"{where}: model_index.json must be a JSON object")
     weighted = 0
     for comp, value in components.items():
-        if comp.startswith("_") or not isinstance(value, list) or value[0] is None:
+        if comp.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
             continue
         folder = spec.path / comp
         if not folder.is_dir():

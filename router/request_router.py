@@ -71,7 +71,7 @@ class MemoryAwareRequestRouter(RequestRouter):
                          tie_window: int = 256, **kwargs: Any) -> None:
         self.init_routing_state(spill_queue_len=spill_queue_len, holder_wait_s=holder_wait_s, rank_limit=rank_limit,
                                 tie_window=tie_window, ledger=Ledger())
-        self._deployment = self._deployment_id.name
+        self._deployment = (self._deployment_id.app_name, self._deployment_id.name)  # ReportBoard's key
         ReportBoard.register_router_counters(self._deployment, self._counters)
 
     def init_routing_state(self, *, spill_queue_len: int, holder_wait_s: float, rank_limit: int,

@@ -86,6 +86,8 @@ def test_truncated_data_section_estimates_the_same(tmp_path):
     ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
     ((37).to_bytes(8, "little") + b'{"t": {"dtype": "X9", "shape": [1]}} ', "unsupported dtype"),
     ((38).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [-1]}}', "invalid shape"),
+    ((41).to_bytes(8, "little") + b'{"t": {"dtype": ["F32"], "shape": [1]}}  ', "unsupported dtype"),
+    ((42).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [true]}}  ', "invalid shape"),
 ])
 def test_corrupt_headers_are_typed_errors(tmp_path, payload, match):
     f = tmp_path / "x.safetensors"
@@ -254,3 +256,51 @@ def test_resolve_cpu_budget_and_overrides():
 def test_profile_misuse_names_the_problem(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_family_override_is_not_served_from_another_entrys_cached_estimate(tmp_path):
+    path = make_folder(tmp_path)
+    est = Estimator()
+    auto = est.estimate(spec(path, name="a"), dtype="float16", width=512, height=512)
+    flux = est.estimate(spec(path, name="b", family=Family.FLUX), dtype="float16", width=512, height=512)
+    fresh = Estimator().estimate(spec(path, name="b", family=Family.FLUX), dtype="float16", width=512, height=512)
+    assert auto.family != "flux"
+    assert (flux.family, flux.workspace_bytes) == ("flux", fresh.workspace_bytes) != (auto.family, auto.workspace_bytes)
+
+
+def test_an_empty_component_entry_in_model_index_is_skipped_not_a_crash(tmp_path):
+    path = make_folder(tmp_path)
+    index = json.loads((path / "model_index.json").read_text())
+    index["feature_extractor"] = []
+    (path / "model_index.json").write_text(json.dumps(index))
+    Registry([spec(path)])  # accepted
+    assert Estimator().estimate(spec(path), dtype="float16", width=64, height=64).weights_bytes > 0
+
+
+@pytest.mark.parametrize("field, limit", [("default_width", "max_width"), ("default_height", "max_height"),
+                                          ("default_steps", "max_steps")])
+def test_a_default_above_its_own_limit_is_refused_at_registration(tmp_path, field, limit):
+    from pydantic import ValidationError
+
+    value = 1000 if field == "default_steps" else 1024
+    cap = 100 if field == "default_steps" else 512
+    with pytest.raises(ValidationError, match=f"{field} {value} exceeds {limit} {cap}"):
+        spec(tmp_path, **{field: value, limit: cap})
+    spec(tmp_path, **{field: cap, limit: cap})  # equal is fine
+
+
+@pytest.mark.parametrize("family, width, height, bad", [
+    ("sd3", 520, 512, "width"), ("sd3", 512, 520, "height"), ("flux", 1000, 1024, "width"),
+    ("sd3", 512, 1024, None), ("sd1", 520, 520, None), ("sdxl", 1000, 1000, None),
+])
+def test_image_sizes_are_checked_against_the_familys_multiple(family, width, height, bad):
+    from router.api import ResolvedRequest, RequestLimitError, check_image_size
+
+    r = ResolvedRequest(checkpoint="c", prompt="p", negative_prompt=None, width=width, height=height,
+                        num_inference_steps=1, guidance_scale=7.5, seed=0, num_images=1)
+    if bad is None:
+        check_image_size(r, family)
+    else:
+        with pytest.raises(RequestLimitError, match="multiple of 16") as info:
+            check_image_size(r, family)
+        assert info.value.field == bad

@@ -394,3 +394,77 @@ def test_local_router_refuses_to_start_without_a_ray_connection(monkeypatch):
         client.LocalRouter({})
     with pytest.raises(ValueError, match="app_name"):
         client.LocalRouter({}, app_name="")
+
+
+def test_an_unexpected_error_in_the_ingress_answers_500_in_the_error_shape():
+    import router.ingress as ingress
+
+    app = FastAPI()
+    app.exception_handlers.update(ingress.app.exception_handlers)  # the ingress's own handlers
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise IndexError("list index out of range /secret/host/path")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500
+    assert r.json() == {"error": {"code": "internal_error", "message": "the router failed while handling the request"}}
+
+
+def test_replica_call_failures_map_to_their_statuses():
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    from router.core import RouterCore
+
+    core = object.__new__(RouterCore)  # _failure reads only the settings
+    core.settings = IngressSettings(request_timeout_s=7.0)
+
+    def raised_in_replica(cause: Exception) -> Exception:
+        try:
+            raise cause
+        except Exception as exc:  # noqa: BLE001 - what Ray wraps
+            return RayTaskError("ModelReplica.generate", "traceback", exc).as_instanceof_cause()
+
+    inside = raised_in_replica(TimeoutError("a lock wait inside the replica"))
+    assert isinstance(inside, TimeoutError)  # why the order of the checks matters
+    got = {name: (e.status, e.code) for name, e in (
+        ("timeout", core._failure(TimeoutError())),
+        ("replica_timeout", core._failure(inside)),
+        ("replica_bug", core._failure(raised_in_replica(ValueError("x")))),
+        ("backpressure", core._failure(BackPressureError(num_queued_requests=9, max_queued_requests=8))),
+    )}
+    assert got == {"timeout": (504, "timeout"), "replica_timeout": (500, "internal_error"),
+                   "replica_bug": (500, "internal_error"), "backpressure": (503, "overloaded")}
+    assert "7.0 s" in core._failure(TimeoutError()).message
+
+
+@pytest.mark.parametrize("value, expected", [("s3cret\n", "s3cret"), ("  s3cret \r\n", "s3cret"), ("s3cret", "s3cret"),
+                                             ("", None), ("\n", None), (None, None)])
+def test_the_admin_token_is_read_without_surrounding_whitespace(monkeypatch, value, expected):
+    from router.ingress import admin_token_from_env
+
+    monkeypatch.delenv("MEMROUTER_TEST_TOKEN", raising=False)
+    if value is not None:
+        monkeypatch.setenv("MEMROUTER_TEST_TOKEN", value)
+    assert admin_token_from_env("MEMROUTER_TEST_TOKEN") == expected
+
+
+def test_a_router_core_reads_only_its_own_apps_replica_reports():
+    import types
+
+    from router.core import RouterCore
+    from router.report_board import ReportBoard
+
+    report = lambda rid, budget: {"replica_id": rid, "device_budget_bytes": budget, "device_used_bytes": 0,  # noqa: E731
+                                  "host_used_bytes": 0, "leaked_modules": 0, "in_flight": 0}
+    ReportBoard.publish(("app-one", "ModelReplica"), {"r1": report("r1", 100)})
+    ReportBoard.publish(("app-two", "ModelReplica"), {"r2": report("r2", 7), "r3": report("r3", 8)})
+    try:
+        core = RouterCore(types.SimpleNamespace(app_name="app-two", deployment_name="ModelReplica"), None,
+                          IngressSettings())
+        assert sorted(core.reports()) == ["r2", "r3"]
+        assert core.status()["totals"]["device_budget_bytes"] == 15
+    finally:
+        ReportBoard.publish(("app-one", "ModelReplica"), {})
+        ReportBoard.publish(("app-two", "ModelReplica"), {})
