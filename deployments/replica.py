@@ -107,6 +107,7 @@ class ModelReplica:
         except Exception:  # constructed outside Serve (component tests)
             self.replica_id = f"local-{os.getpid()}"
         self._run_slot = threading.Semaphore(1)
+        self._cancelled = 0  # requests skipped because their caller had given up (see generate)
         self._timeline: collections.deque = collections.deque(maxlen=TIMELINE_SAMPLES)
         self._metrics = ReplicaMetrics()
         self._service_times = ServiceTimes()
@@ -137,12 +138,30 @@ class ModelReplica:
 
         ``need`` is the placement need the request router read; the replica re-estimates
         at its own dtype (it is the authority on what it holds).
+
+        Cancellation (the caller timed out or went away; Serve cancels this coroutine): the
+        worker thread cannot be stopped, but it checks before it loads and before it runs
+        the pipeline, so a request given up on while it queued for the run slot costs
+        neither. Caveat: a pipeline already running finishes.
         """
         import asyncio
 
-        return await asyncio.get_running_loop().run_in_executor(None, self._generate_sync, request)
+        cancelled = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._generate_sync, request, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
-    def _generate_sync(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _skip_cancelled(self, cancelled: threading.Event | None, checkpoint: str, where: str) -> dict[str, Any] | None:
+        if cancelled is None or not cancelled.is_set():
+            return None
+        with self._report_lock:
+            self._cancelled += 1
+        log.info("skipped %s %s: its caller had given up", where, checkpoint)
+        return error(499, "cancelled", f"the request for {checkpoint!r} was cancelled before {where}")
+
+    def _generate_sync(self, request: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
         sent_at_s = float(request.get("sent_at_s", time.time()))
         req = ResolvedRequest.model_validate({k: v for k, v in request.items() if k != "sent_at_s"})
         try:
@@ -157,7 +176,7 @@ class ModelReplica:
             started_s = time.time()
             for attempt in (1, 2):
                 try:
-                    return self._run_once(req, est, queue_ms=(started_s - sent_at_s) * 1000)
+                    return self._run_once(req, est, queue_ms=(started_s - sent_at_s) * 1000, cancelled=cancelled)
                 except Exception as exc:  # noqa: BLE001 - classified below
                     if not pipelines.is_out_of_memory(exc):
                         if isinstance(exc, pipelines.PipelineLoadError):
@@ -197,7 +216,11 @@ class ModelReplica:
         if self._faults is not None:
             _apply_fault(self._faults, site, checkpoint)
 
-    def _run_once(self, req: ResolvedRequest, est: Any, *, queue_ms: float) -> dict[str, Any]:
+    def _run_once(self, req: ResolvedRequest, est: Any, *, queue_ms: float,
+                  cancelled: threading.Event | None = None) -> dict[str, Any]:
+        skipped = self._skip_cancelled(cancelled, req.checkpoint, "it started")
+        if skipped is not None:
+            return skipped
         t0 = time.perf_counter()
         lease = self.cache.acquire(req.checkpoint, weights_bytes=est.weights_bytes, workspace_bytes=est.workspace_bytes,
                                    offloadable=self._backend.offloadable(req.checkpoint))
@@ -213,6 +236,9 @@ class ModelReplica:
             self._service_times.load(lease.served_from.value, est.weights_bytes, lease.load_s)
         self._sample(f"acquire:{req.checkpoint}")
         with lease:
+            skipped = self._skip_cancelled(cancelled, req.checkpoint, "its inference")
+            if skipped is not None:
+                return skipped  # the pipeline stays cached: the load was not wasted
             t1 = time.perf_counter()
             self._inject("inference", req.checkpoint)
             images = pipelines.run_pipeline(
@@ -259,6 +285,7 @@ class ModelReplica:
             ],
             "in_flight": rep.in_flight,
             "counters": rep.counters,
+            "requests_cancelled": self._cancelled,
             "service_times": self._service_times.report().as_dict(),
             "leaked_modules": rep.leaked_modules,
             "cuda": cuda,
@@ -375,7 +402,7 @@ class _FaultyBackend(TorchBackend):
 # the driver's view of device memory (other processes move it). Entries' idle_s also grows
 # with time alone; the router reads it as a last-use time (timestamp_s - idle_s), which
 # does not.
-_UNROUTED_FIELDS = frozenset({"timestamp_s", "cuda", "report_seq"})
+_UNROUTED_FIELDS = frozenset({"timestamp_s", "cuda", "report_seq", "requests_cancelled"})
 
 
 def _routing_fingerprint(report: dict[str, Any]) -> str:

@@ -120,10 +120,17 @@ class RouterCore:
         """Serve one validated request; raises :class:`ServiceError`."""
         payload, need, received_s = self._prepare(req)
         await self.admit(need)
+        response = self.replicas.generate.remote(payload, need)
         try:
-            result = await asyncio.wait_for(self.replicas.generate.remote(payload, need),
-                                            timeout=self.settings.request_timeout_s)
+            result = await asyncio.wait_for(response, timeout=self.settings.request_timeout_s)
+        except asyncio.CancelledError:
+            response.cancel()  # our caller gave up (HTTP client gone): so does the replica
+            raise
         except _CALL_ERRORS as exc:
+            if isinstance(exc, TimeoutError) and not isinstance(exc, RayTaskError):
+                # Awaiting a response and giving up does not cancel it (Serve's __await__): the
+                # replica would load and run for an answer nobody reads.
+                response.cancel()
             raise self._failure(exc) from None
         return self._finish(result, received_s)
 
@@ -132,9 +139,12 @@ class RouterCore:
         handle's result instead of awaiting it, without an event loop of its own."""
         payload, need, received_s = self._prepare(req)
         self.admit_sync(need)
+        response = self.replicas.generate.remote(payload, need)
         try:
-            result = self.replicas.generate.remote(payload, need).result(timeout_s=self.settings.request_timeout_s)
+            result = response.result(timeout_s=self.settings.request_timeout_s)
         except _CALL_ERRORS as exc:
+            if isinstance(exc, TimeoutError) and not isinstance(exc, RayTaskError):
+                response.cancel()  # as in generate
             raise self._failure(exc) from None
         return self._finish(result, received_s)
 

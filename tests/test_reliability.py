@@ -85,7 +85,7 @@ def app(tmp_path_factory):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             wait_for(lambda: len(status(client)["replicas"]) == 2, timeout_s=60, what="two replica reports")
             replicas = serve.get_deployment_handle("ModelReplica", app_name="memrouter")
-            yield {"client": client, "replicas": replicas, "port": port, "tmp": tmp, "registry": registry}
+            yield {"client": client, "replicas": replicas, "port": port, "tmp": tmp, "registry": registry, "args": main}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -393,6 +393,29 @@ def test_out_of_memory_twice_answers_503_and_the_replica_stays_healthy(app, clie
 
 
 # ---- corrupt checkpoints ---------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_a_request_that_times_out_is_cancelled_at_the_replica(app, client, path):
+    """The Router gives up after request_timeout_s (504) and cancels the replica call: the
+    replica, still loading, keeps the load and skips the inference nobody would read."""
+    from deployments.client import LocalRouter, ServiceError
+
+    def cancelled() -> int:
+        return sum(r["requests_cancelled"] for r in reports_by_id(client).values())
+
+    before = cancelled()
+    arm(app, [{"site": "load", "kind": "delay", "delay_s": 6, "checkpoint": "demo-m"}])
+    body = {"checkpoint": "demo-m", "prompt": "p", "width": 64, "height": 64, "num_inference_steps": 1}
+    with LocalRouter(deep_update(app["args"], {"ingress": {"request_timeout_s": 2.0}}), app_name="memrouter") as local:
+        t0 = time.monotonic()
+        with pytest.raises(ServiceError) as info:
+            local.generate(body) if path == "sync" else asyncio.run(local.generate_async(body))
+        assert info.value.status == 504 and time.monotonic() - t0 < 6
+    wait_for(lambda: cancelled() == before + 1, timeout_s=60, what="the replica skipping the timed-out request")
+    reports = reports_by_id(client).values()
+    assert any("demo-m" in [e["name"] for e in r["entries"]] for r in reports)  # the load was kept
+    assert all(r["in_flight"] == 0 for r in fresh_reports(client, time.time()).values())
+
+
 def test_truncated_safetensors_answers_a_clear_error_and_others_keep_serving(app, client):
     assert post(client, "demo-s").status_code == 200
     before = fresh_reports(client, time.time())

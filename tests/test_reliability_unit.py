@@ -468,3 +468,52 @@ def test_a_router_core_reads_only_its_own_apps_replica_reports():
     finally:
         ReportBoard.publish(("app-one", "ModelReplica"), {})
         ReportBoard.publish(("app-two", "ModelReplica"), {})
+
+
+def test_a_request_cancelled_while_it_queues_for_the_run_slot_neither_loads_nor_runs(replica):
+    import asyncio
+    import time
+
+    before = replica.memory_report()
+
+    async def scenario() -> None:
+        replica._run_slot.acquire()  # another request is running
+        try:
+            task = asyncio.ensure_future(replica.generate(_request("demo-m")))
+            await asyncio.sleep(0.3)  # in the worker thread, waiting for the slot
+            task.cancel()  # the caller gave up (Serve cancels the handler)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            replica._run_slot.release()
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 30
+    while replica.memory_report()["requests_cancelled"] == before["requests_cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = replica.memory_report()
+    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after["counters"]["disk_loads"] == before["counters"]["disk_loads"]  # nothing loaded for it
+    assert after["in_flight"] == 0 and "demo-m" not in [e["name"] for e in after["entries"]]
+    assert replica._generate_sync(_request("demo-m"))["status"] == 200  # and the replica serves on
+
+
+def test_a_request_cancelled_during_its_load_keeps_the_load_and_skips_the_inference(replica):
+    import threading
+
+    cancelled = threading.Event()
+    real_acquire = replica.cache.acquire
+
+    def acquire_then_give_up(*args, **kwargs):
+        lease = real_acquire(*args, **kwargs)
+        cancelled.set()  # the caller gave up while the checkpoint loaded
+        return lease
+
+    replica.cache.acquire = acquire_then_give_up
+    try:
+        r = replica._generate_sync(_request("demo-xs", seed=3), cancelled)
+    finally:
+        del replica.cache.acquire
+    assert r["status"] == 499 and r["error"]["code"] == "cancelled" and "inference" in r["error"]["message"]
+    rep = replica.memory_report()
+    assert [e["name"] for e in rep["entries"]] == ["demo-xs"] and rep["in_flight"] == 0  # cached, not pinned
