@@ -6,7 +6,8 @@ router_overhead.md), while the Router's own work (validate, resolve, estimate, a
 under half a millisecond. A Python caller that already holds a Ray connection can run
 that work itself and call the ModelReplica deployment's handle directly; the memory-aware
 request router (router/request_router.py) then runs in this process, as it does in the
-ingress, and places the request on the same terms.
+ingress, and places the request on the same terms. It lives beside the app (not in
+router/) because it is configured by the app's own config (deployments/config.py).
 
     from deployments.client import LocalRouter
     with LocalRouter(app_config) as router:     # the args the app was deployed with
