@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,13 +14,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--local", action="store_true", help="the cache alone, in this process, no Ray")
     demo.add_argument("--out", default="memrouter-demo-out", help="folder for images and plots")
     demo.add_argument("--requests", type=int, default=24, help="number of requests to send")
+    demo.add_argument("--config", type=Path, default=None,
+                      help="serve config whose app args the demo uses (default: the checkout's serve_config.yaml)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from deployments import demo_run
 
+        try:
+            config = demo_run.find_config(args.config)
+        except FileNotFoundError as exc:
+            print(f"memrouter demo: {exc}", file=sys.stderr)
+            return 2
         if args.local:
-            return demo_run.run_local_demo(out_dir=args.out, n_requests=args.requests)
-        return demo_run.run_demo(out_dir=args.out, n_requests=args.requests)
+            return demo_run.run_local_demo(out_dir=args.out, n_requests=args.requests, config_path=config)
+        return demo_run.run_demo(out_dir=args.out, n_requests=args.requests, config_path=config)
     return 2
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = ROOT / "serve_config.yaml"
+DEFAULT_CONFIG = ROOT / "serve_config.yaml"  # the checkout's; not in an installed wheel (see find_config)
 # Zipf-like popularity over the demo checkpoints: the small ones are hot, the big one cold.
 WEIGHTS = {"demo-xs": 8, "demo-s": 4, "demo-m": 2, "demo-l": 1}
 
@@ -41,6 +41,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def find_config(config_path: Path | None = None) -> Path:
+    """``config_path``, else the checkout's serve_config.yaml, else ./serve_config.yaml.
+
+    A package installed without ``-e`` has no checkout beside it: FileNotFoundError then
+    says where it looked and how to pass one.
+    """
+    candidates = [config_path] if config_path is not None else [DEFAULT_CONFIG, Path.cwd() / "serve_config.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no serve config at {', '.join(str(c) for c in candidates)}: pass --config PATH "
+                            "(the repository's serve_config.yaml), or run from a checkout (pip install -e .)")
 
 
 def load_app_args(config_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -86,7 +100,8 @@ def plot_timelines(samples: dict[str, list[tuple[float, int, int]]], budgets: di
     return paths
 
 
-def run_demo(*, out_dir: str, n_requests: int, config_path: Path = DEFAULT_CONFIG, concurrency: int = 4) -> int:
+def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, concurrency: int = 4) -> int:
+    config_path = find_config(config_path)  # before anything starts
     import httpx
     import ray
     from ray import serve
@@ -169,14 +184,15 @@ def run_demo(*, out_dir: str, n_requests: int, config_path: Path = DEFAULT_CONFI
         say("shut down")
 
 
-def run_local_demo(*, out_dir: str, n_requests: int) -> int:
+def run_local_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None) -> int:
     """The replica's cache and pipelines in this process, no Ray: one replica, sequential."""
+    config_path = find_config(config_path)
     from deployments.replica import ModelReplica
     from router.api import GenerateRequest, resolve_request
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    _, args = load_app_args(DEFAULT_CONFIG)
+    _, args = load_app_args(config_path)
     say("building the demo checkpoints (first run only) and starting one local replica ...")
     replica = ModelReplica(args)
     failures = 0

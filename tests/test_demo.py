@@ -172,3 +172,29 @@ def test_registry_entries_validate(demo_dir):
     }
     registry = Registry.from_entries(entries)  # also checks the folders are loadable-safe
     assert registry.names() == NAMES
+
+
+def test_demo_without_a_serve_config_says_where_it_looked_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from deployments import cli, demo_run
+
+    monkeypatch.setattr(demo_run, "DEFAULT_CONFIG", tmp_path / "site-packages" / "serve_config.yaml")  # a wheel install
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no serve config at" in err and "--config PATH" in err and "site-packages" in err
+    assert cli.main(["demo", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_demo_finds_the_checkouts_serve_config_or_the_one_in_the_working_directory(tmp_path, monkeypatch):
+    from deployments import demo_run
+
+    assert demo_run.find_config() == demo_run.DEFAULT_CONFIG  # a checkout
+    monkeypatch.setattr(demo_run, "DEFAULT_CONFIG", tmp_path / "missing.yaml")
+    (tmp_path / "serve_config.yaml").write_text("applications: []\n")
+    monkeypatch.chdir(tmp_path)
+    assert demo_run.find_config() == tmp_path / "serve_config.yaml"
