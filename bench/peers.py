@@ -32,7 +32,7 @@ import collections
 import io
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -92,6 +92,8 @@ class PeerReplica:
         self.tracker = pipelines.LeakTracker()
         self._estimator = Estimator()
         self._slot = asyncio.Lock()
+        self._after_tasks: set[asyncio.Future] = set()  # after-answer work in flight (kept referenced)
+        self.after_answer_s, self.after_answers = 0.0, 0  # time the replica spent on it, and how often
         self._book = threading.Lock()
         self.device: dict[str, int] = {}  # name -> measured bytes held on the device
         self.host: dict[str, int] = {}  # name -> bytes of host copies (offload policy)
@@ -174,18 +176,44 @@ class PeerReplica:
                 "timings_ms": {"queue": round(queue_ms, 3), "load": round(load_ms, 3), "inference": round(inference_ms, 3)}}
 
     async def generate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One request, one pipeline at a time (like ModelReplica). A policy's work after the
+        request (free, offload) runs after the answer is returned but still holds the slot: the
+        next request waits for it, as it would for device memory on a GPU, while this
+        request's latency does not include it."""
         sent = float(body.get("sent_at_s", time.time()))
-        async with self._slot:  # one pipeline at a time, like ModelReplica
+        await self._slot.acquire()
+        after = None
+        try:
             queue_ms = (time.time() - sent) * 1000
             try:
-                return await self._serve(body, queue_ms)
+                answer, after = await self._serve(body, queue_ms)
+                return answer
             except Exception as exc:  # noqa: BLE001
                 from deployments import pipelines
 
                 self._count("oom" if pipelines.is_out_of_memory(exc) else "failures")
                 return {"status": 500, "error": {"code": type(exc).__name__, "message": str(exc)[:300]}}
+        finally:
+            if after is None:
+                self._slot.release()
+            else:
+                self._after_tasks.add(asyncio.ensure_future(self._finish_after(after)))
 
-    async def _serve(self, body: dict[str, Any], queue_ms: float) -> dict[str, Any]:
+    async def _finish_after(self, after: Callable[[], None]) -> None:
+        t = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, after)
+            with self._book:
+                self.after_answer_s += time.perf_counter() - t
+                self.after_answers += 1
+        except Exception:  # noqa: BLE001 - counted; the slot must come back
+            self._count("failures")
+        finally:
+            self._slot.release()
+            self._after_tasks.discard(asyncio.current_task())
+
+    async def _serve(self, body: dict[str, Any], queue_ms: float) -> tuple[dict[str, Any], Callable[[], None] | None]:
+        """(the answer, work to run after it with the slot held, or None)."""
         raise NotImplementedError
 
     async def report(self, timeline: bool = False) -> dict[str, Any]:
@@ -194,7 +222,8 @@ class PeerReplica:
                    "max_models": self.max_models, "counters": dict(self.counters),
                    "device_used_bytes": sum(self.device.values()) + self.workspace,
                    "host_used_bytes": sum(self.host.values()), "peak_device_bytes": self.peak_device_bytes,
-                   "peak_host_bytes": self.peak_host_bytes, "resident": sorted(self.device)}
+                   "peak_host_bytes": self.peak_host_bytes, "resident": sorted(self.device),
+                   "after_answer_s": self.after_answer_s, "after_answers": self.after_answers}
             if timeline:
                 rep["timeline"] = list(self.timeline)
         rep["leaked_modules"] = self.tracker.leaked()
@@ -210,11 +239,11 @@ class MuxReplica(PeerReplica):
 
     policy = "mux"
 
-    async def _serve(self, body: dict[str, Any], queue_ms: float) -> dict[str, Any]:
+    async def _serve(self, body: dict[str, Any], queue_ms: float) -> tuple[dict[str, Any], None]:
         name = body["checkpoint"]
         model_id = serve.get_multiplexed_model_id()
         if model_id != name:
-            return {"status": 400, "error": {"code": "model_id_mismatch", "message": f"{model_id!r} != {name!r}"}}
+            return {"status": 400, "error": {"code": "model_id_mismatch", "message": f"{model_id!r} != {name!r}"}}, None
         before = self.counters["disk_loads"]
         t = time.perf_counter()
         held = await self.get_model(model_id)  # type: ignore[attr-defined] - added by mux_deployment_class
@@ -223,7 +252,7 @@ class MuxReplica(PeerReplica):
         if not loaded:
             self._count("hits")
         images, inference_ms = await asyncio.get_running_loop().run_in_executor(None, self._run, held, body)
-        return self._answer(body, images, "disk" if loaded else "device", load_ms, inference_ms, queue_ms)
+        return self._answer(body, images, "disk" if loaded else "device", load_ms, inference_ms, queue_ms), None
 
 
 def mux_deployment_class(max_models: int) -> type:
@@ -241,17 +270,19 @@ class UnloadReplica(PeerReplica):
 
     policy = "unload"
 
-    def _serve_sync(self, body: dict[str, Any], queue_ms: float) -> dict[str, Any]:
+    def _serve_sync(self, body: dict[str, Any], queue_ms: float) -> tuple[dict[str, Any], Callable[[], None]]:
         t = time.perf_counter()
         held = self._load(body["checkpoint"])
         load_ms = (time.perf_counter() - t) * 1000
         try:
             images, inference_ms = self._run(held, body)
-        finally:
+        except BaseException:
             held.free("releases")
-        return self._answer(body, images, "disk", load_ms, inference_ms, queue_ms)
+            raise
+        # Freed after the answer, before the next request (it holds the slot).
+        return self._answer(body, images, "disk", load_ms, inference_ms, queue_ms), lambda: held.free("releases")
 
-    async def _serve(self, body: dict[str, Any], queue_ms: float) -> dict[str, Any]:
+    async def _serve(self, body: dict[str, Any], queue_ms: float) -> tuple[dict[str, Any], Callable[[], None]]:
         return await asyncio.get_running_loop().run_in_executor(None, self._serve_sync, body, queue_ms)
 
 
@@ -288,17 +319,25 @@ class OffloadReplica(PeerReplica):
             self._sample(f"reload:{name}")
             served_from = "host"
         load_ms = (time.perf_counter() - t) * 1000
-        images, inference_ms = self._run(held, body)
-        self._move(held)  # device -> host, "instantly" after the request
+        try:
+            images, inference_ms = self._run(held, body)
+        except BaseException:
+            self._offload(name, held)
+            raise
+
+        # Offloaded "instantly" after the request: after the answer, before the next request.
+        return self._answer(body, images, served_from, load_ms, inference_ms, queue_ms), lambda: self._offload(name, held)
+
+    def _offload(self, name: str, held: _Held) -> None:
+        self._move(held)  # device -> host
         with self._book:
             self.device.pop(name, None)
             self.host[name] = held.nbytes
             self.counters["offloads"] += 1
         self._host_copies[name] = held
         self._sample(f"offload:{name}")
-        return self._answer(body, images, served_from, load_ms, inference_ms, queue_ms)
 
-    async def _serve(self, body: dict[str, Any], queue_ms: float) -> dict[str, Any]:
+    async def _serve(self, body: dict[str, Any], queue_ms: float) -> tuple[dict[str, Any], Callable[[], None]]:
         return await asyncio.get_running_loop().run_in_executor(None, self._serve_sync, body, queue_ms)
 
 

@@ -276,6 +276,8 @@ def summarize(key: str, raw: dict[str, Any], budget: int) -> dict[str, Any]:
         return round(statistics.fmean(xs), 1) if xs else None
 
     peak = max(peaks, default=0)
+    after_n = sum(r.get("after_answers", 0) for r in reps)
+    after_ms = round(1000 * sum(r.get("after_answer_s", 0.0) for r in reps) / after_n, 1) if after_n else None
     return {
         "system": key, "name": SYSTEMS[key][0], "description": SYSTEMS[key][1],
         "requests": len(reqs), "ok": len(ok), "errors": errors,
@@ -294,7 +296,9 @@ def summarize(key: str, raw: dict[str, Any], budget: int) -> dict[str, Any]:
         "peak_host_bytes": max((r.get("peak_host_bytes", 0) for r in reps), default=0) if key != "a" else None,
         "leaked_modules": leaked,
         "mean_ms": {"queue": mean_of("queue"), "load": mean_of("load"), "inference": mean_of("inference"),
-                    "total_in_ingress": mean_of("total")},
+                    "total_in_ingress": mean_of("total"),
+                    # (c)'s free, (d)'s offload: after the answer, holding the replica (None: no such work)
+                    "after_answer": after_ms},
         "deploy_s": raw["deploy_s"], "replay_s": raw["replay_s"],
         "_timelines": timelines, "_wall0": raw["wall0"], "_latencies": lat,
     }
@@ -353,8 +357,10 @@ def auto_notes(doc: dict[str, Any]) -> list[str]:
         sf = x["served_from"]
         hit = sf.get("device", 0) / x["ok"] if x["ok"] else 0
         m = x["mean_ms"]
+        after = (f", then {m['after_answer']} ms of work after the answer (free or offload, holding the replica)"
+                 if m.get("after_answer") is not None else "")
         notes.append(f"({k}) {x['name']}: {hit:.0%} of requests found their pipeline on the device; mean per request: "
-                     f"queue {m['queue']} ms, load/reload {m['load']} ms, inference {m['inference']} ms; "
+                     f"queue {m['queue']} ms, load/reload {m['load']} ms, inference {m['inference']} ms{after}; "
                      f"makespan {x['makespan_s']} s for {x['ok']} requests.")
     return notes
 
@@ -401,8 +407,8 @@ def missed_targets(doc: dict[str, Any]) -> list[str]:
                         if c and c["mean_ms"]["load"] and c["mean_ms"]["inference"] else "")
                 line += (f"Per request (mean over all requests, hits count 0 ms of load), ({k}) spends {x['mean_ms']['load']} "
                          f"ms loading + {x['mean_ms']['inference']} ms inferring vs (a)'s {a['mean_ms']['load']} + "
-                         f"{a['mean_ms']['inference']} ms: a service-time ratio of {sx / sa:.2f}x (frees after the answer "
-                         "not counted), about the ceiling of the throughput ratio when both are saturated. On this CPU a "
+                         f"{a['mean_ms']['inference']} ms: a service-time ratio of {sx / sa:.2f}x (not counting work after the "
+                         "answer: (c)'s free and (d)'s offload, which hold the replica; see Notes), about the ceiling of the throughput ratio when both are saturated. On this CPU a "
                          f"disk load of these checkpoints (page cache warm) costs only a few inferences{cost}, while "
                          "on a GPU loading an SD-class pipeline costs several inferences; the serving stack's per-request CPU "
                          "(proxy, ingress, replica, PNG) also shares the same 2 cores as inference and caps (a). Would close "
