@@ -614,6 +614,7 @@ def test_victims_compare_by_mean_last_use_not_summed_idle():
 
 def test_choose_replicas_records_its_pick_as_tentative_and_the_accepted_route_as_not():
     import asyncio
+    import time
     import types
 
     from ray.serve._private.request_router.common import PendingRequest
@@ -622,18 +623,19 @@ def test_choose_replicas_records_its_pick_as_tentative_and_the_accepted_route_as
     router = _router([a])
     router._replicas = {a.replica_id: a}  # Ray's curr_replicas, which on_request_routed reads
 
-    def pending(rid):
-        return PendingRequest(args=[{"prompt": "p"}, need("x")], kwargs={},
-                              metadata=types.SimpleNamespace(internal_request_id=rid))
+    async def scenario() -> None:  # a PendingRequest makes an asyncio.Future: inside a loop
+        def pending(rid):
+            return PendingRequest(args=[{"prompt": "p"}, need("x")], kwargs={},
+                                  metadata=types.SimpleNamespace(internal_request_id=rid))
 
-    gave_up, accepted = pending("gave-up"), pending("accepted")
-    for p in (gave_up, accepted):
-        assert [[r.replica_id.unique_id for r in rank_] for rank_ in asyncio.run(router.choose_replicas([a], p))] \
-            == [["a"]]
-    router.on_request_routed(accepted, a.replica_id, None)
+        gave_up, accepted = pending("gave-up"), pending("accepted")
+        for p in (gave_up, accepted):
+            assert [[r.replica_id.unique_id for r in rank_] for rank_ in await router.choose_replicas([a], p)] \
+                == [["a"]]
+        router.on_request_routed(accepted, a.replica_id, None)
+
+    asyncio.run(scenario())
     placed = router._ledger._by_replica["a"]
     assert (placed["gave-up"].tentative, placed["accepted"].tentative) == (True, False)
-    import time
-
     router._ledger.report_arrived("a", time.time() + 31.0)  # the one that gave up is forgotten
     assert list(router._ledger._by_replica["a"]) == ["accepted"]
