@@ -100,7 +100,7 @@ def resolve_request(req: GenerateRequest, spec: CheckpointSpec, *, default_seed:
 SIZE_MULTIPLE = {"sd3": 16, "flux": 16}
 
 
-def check_image_size(resolved: "ResolvedRequest", family: str) -> None:
+def check_image_size(resolved: ResolvedRequest, family: str) -> None:
     """Raise RequestLimitError naming ``width`` or ``height`` when ``family``'s pipeline
     cannot take that size as asked (``family``: a registry Family value)."""
     multiple = SIZE_MULTIPLE.get(family, 8)

@@ -127,11 +127,7 @@ class RouterCore:
             response.cancel()  # our caller gave up (HTTP client gone): so does the replica
             raise
         except _CALL_ERRORS as exc:
-            if isinstance(exc, TimeoutError) and not isinstance(exc, RayTaskError):
-                # Awaiting a response and giving up does not cancel it (Serve's __await__): the
-                # replica would load and run for an answer nobody reads.
-                response.cancel()
-            raise self._failure(exc) from None
+            raise self._failure(exc, response) from None
         return self._finish(result, received_s)
 
     def generate_sync(self, req: GenerateRequest) -> GenerateResponse:
@@ -143,9 +139,7 @@ class RouterCore:
         try:
             result = response.result(timeout_s=self.settings.request_timeout_s)
         except _CALL_ERRORS as exc:
-            if isinstance(exc, TimeoutError) and not isinstance(exc, RayTaskError):
-                response.cancel()  # as in generate
-            raise self._failure(exc) from None
+            raise self._failure(exc, response) from None
         return self._finish(result, received_s)
 
     def _prepare(self, req: GenerateRequest) -> tuple[dict[str, Any], Need, float]:
@@ -169,14 +163,19 @@ class RouterCore:
             raise ServiceError(422, "invalid_request", str(exc)) from None
         return resolved.model_dump() | {"sent_at_s": time.time()}, need, received_s
 
-    def _failure(self, exc: BaseException) -> ServiceError:
-        """The answer to a failed replica call (one of _CALL_ERRORS)."""
+    def _failure(self, exc: BaseException, response: Any = None) -> ServiceError:
+        """The answer to a failed replica call (one of _CALL_ERRORS); on our own timeout it
+        also cancels ``response`` (the call's DeploymentResponse, when given)."""
         # RayTaskError first: Ray makes a replica's exception an instance of its cause's class
         # too, so a TimeoutError raised inside the replica is one as well, and is no gateway timeout.
         if isinstance(exc, RayTaskError):  # a bug in replica code: not the client's fault, not transient
             log.error("replica raised: %s", exc)
             return ServiceError(500, "internal_error", "the replica failed while serving the request")
         if isinstance(exc, TimeoutError):  # asyncio's and the handle's result() timeout alike
+            if response is not None:
+                # Giving up on a response does not cancel it (Serve's __await__ and result()):
+                # the replica would load and run for an answer nobody reads.
+                response.cancel()
             return ServiceError(504, "timeout", f"no answer within {self.settings.request_timeout_s} s")
         if isinstance(exc, BackPressureError):
             return ServiceError(503, "overloaded", "too many requests queued; retry later", 1)

@@ -28,8 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from router.api import AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse
 from router.core import RouterCore, ServiceError
 from router.estimator import EstimateError
-from router.registry import Dtype
-from router.registry import Registry
+from router.registry import Dtype, Registry
 from router.settings import IngressSettings
 
 log = logging.getLogger("memrouter.ingress")

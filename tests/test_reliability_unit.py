@@ -438,6 +438,17 @@ def test_replica_call_failures_map_to_their_statuses():
                    "replica_bug": (500, "internal_error"), "backpressure": (503, "overloaded")}
     assert "7.0 s" in core._failure(TimeoutError()).message
 
+    class Response:  # a DeploymentResponse's cancel(), recorded
+        cancelled = 0
+
+        def cancel(self) -> None:
+            self.cancelled += 1
+
+    ours, theirs = Response(), Response()
+    core._failure(TimeoutError(), ours)  # our timeout: the replica call is cancelled
+    core._failure(inside, theirs)  # the replica's own error: it has answered, nothing to cancel
+    assert (ours.cancelled, theirs.cancelled) == (1, 0)
+
 
 @pytest.mark.parametrize("value, expected", [("s3cret\n", "s3cret"), ("  s3cret \r\n", "s3cret"), ("s3cret", "s3cret"),
                                              ("", None), ("\n", None), (None, None)])
