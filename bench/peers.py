@@ -324,7 +324,6 @@ class OffloadReplica(PeerReplica):
         except BaseException:
             self._offload(name, held)
             raise
-
         # Offloaded "instantly" after the request: after the answer, before the next request.
         return self._answer(body, images, served_from, load_ms, inference_ms, queue_ms), lambda: self._offload(name, held)
 
