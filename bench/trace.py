@@ -17,7 +17,6 @@ generated pipeline, ``bench-xl`` (about 210 MB), built the same way as the demo 
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import os
 import random
@@ -186,6 +185,3 @@ def workspace_bytes(entries: Sequence[dict[str, Any]], width: int, height: int) 
     return {spec.name: est.estimate(spec, dtype=spec.dtype.value, width=width, height=height).workspace_bytes
             for spec in reg}
 
-
-def dump_trace(trace: Sequence[TraceRequest]) -> str:
-    return json.dumps([asdict(r) for r in trace])

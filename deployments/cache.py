@@ -119,12 +119,6 @@ class Shortfall:
         )
 
 
-class ShortfallError(RuntimeError):
-    def __init__(self, shortfall: Shortfall):
-        self.shortfall = shortfall
-        super().__init__(shortfall.message())
-
-
 @dataclass
 class CacheCounters:
     hits: int = 0
@@ -545,11 +539,6 @@ class PipelineCache:
     def record_oom_recovery(self) -> None:
         with self._lock:
             self._counters.oom_recoveries += 1
-
-    def tier_of(self, name: str) -> Tier:
-        with self._lock:
-            e = self._entries.get(name)
-            return e.tier if e is not None and not e.busy else Tier.DISK
 
     def report(self) -> CacheReport:
         """A consistent snapshot (taken under the bookkeeping lock)."""

@@ -146,9 +146,6 @@ class Zipf:
     def draw(self, rng: random.Random) -> int:
         return bisect.bisect_left(self.cum, rng.random() * self.cum[-1])
 
-    def top_share(self, k: int) -> float:
-        return self.cum[min(k, len(self.cum)) - 1] / self.cum[-1]
-
 
 @dataclass(frozen=True)
 class Request:
