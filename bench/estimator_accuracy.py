@@ -358,7 +358,6 @@ def weights_rows(arch: Arch, dtypes: list[str], quants: list[str], root: Path) -
     info = {"folder": str(folder), "apparent_bytes": apparent, "allocated_bytes": on_disk, "write_s": round(write_s, 3),
             "params": {c.name: sum(p.numel() for p in models[c.name].parameters()) for c in arch.components},
             "published_params": {c.name: PUBLISHED_PARAMS.get((arch.key, c.name)) for c in arch.components}}
-    cls_of = {c.name: c.cls for c in arch.components}
     rows = []
     est = Estimator()
     for dtype in dtypes:
