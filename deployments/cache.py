@@ -140,7 +140,7 @@ class EntryReport:
     bytes: int
     estimate_bytes: int
     idle_s: float
-    in_use: int
+    in_use: int  # leases pinning it, plus 1 while the cache has it claimed (loading or moving)
 
 
 @dataclass(frozen=True)
@@ -546,9 +546,12 @@ class PipelineCache:
         with self._lock:
             now = self._clock()
             used = self._device_used()
+            # A claimed entry (loading, reloading, or a victim on its way off the device) counts
+            # as in use: the router must neither take its bytes for free room nor plan to
+            # evict it, as this cache would not (it is on the device at its reserved bytes).
             entries = tuple(
                 EntryReport(e.name, e.tier.value, e.bytes, e.estimate_bytes,
-                            0.0 if e.pins else round(max(0.0, now - e.last_used_s), 3), e.pins)
+                            0.0 if e.pins or e.busy else round(max(0.0, now - e.last_used_s), 3), e.pins + e.busy)
                 for e in self._entries.values()
             )
             return CacheReport(

@@ -356,3 +356,31 @@ def test_acquire_misuse_names_the_parameter():
         cache.acquire("a", weights_bytes=0)
     with pytest.raises(ValueError, match="workspace_bytes"):
         cache.acquire("a", weights_bytes=1, workspace_bytes=-1)
+
+
+def test_an_entry_being_loaded_or_moved_reports_in_use():
+    """A report taken mid-load or mid-eviction shows the claimed entries in use: the router
+    must not count a loading checkpoint's bytes as evictable, nor a victim already leaving."""
+    seen = {}
+
+    class Watching(FakeBackend):
+        def load(self, name):
+            seen[("load", name)] = {e.name: (e.tier, e.in_use, e.idle_s) for e in cache.report().entries}
+            return super().load(name)
+
+        def to_host(self, obj):
+            seen[("to_host", obj.name)] = {e.name: (e.tier, e.in_use, e.idle_s) for e in cache.report().entries}
+            super().to_host(obj)
+
+    clock = FakeClock()
+    cfg = CacheConfig(device_budget_bytes=100, host_budget_bytes=100, idle_offload_s=10.0, idle_release_s=100.0)
+    cache = PipelineCache(cfg, Watching(dict(SIZES)), clock)
+    use(cache, clock, "a")
+    use(cache, clock, "b")
+    clock.advance(5)
+    assert seen[("load", "b")] == {"a": ("device", 0, 1.0), "b": ("device", 1, 0.0)}
+    lease = cache.acquire("d", weights_bytes=SIZES["d"])  # 50 needed, 40 free: a (LRU) goes to host
+    assert seen[("to_host", "a")] == {"a": ("device", 1, 0.0), "b": ("device", 0, 6.0)}
+    assert seen[("load", "d")] == {"a": ("host", 0, 7.0), "b": ("device", 0, 6.0), "d": ("device", 1, 0.0)}
+    lease.release()
+    assert {e.name: e.in_use for e in cache.report().entries} == {"a": 0, "b": 0, "d": 0}
