@@ -18,12 +18,14 @@ from __future__ import annotations
 import types
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Mapping
+from operator import attrgetter
+from typing import Hashable, Mapping
 
 from router.placement import EntryView, ReplicaView
 
 
 _LOG_MAX = 4096  # touches remembered for touched_since
+_ROUTED_S = attrgetter("routed_s")
 
 
 @dataclass
@@ -34,12 +36,13 @@ class _Placed:
     routed_s: float
     completed_s: float | None = None
     tentative: bool = False  # picked by the router, not yet accepted by a replica
+    request_id: Hashable = None  # what a completion names (several calls may share it)
 
 
 class Ledger:
     def __init__(self) -> None:
-        self._by_replica: dict[str, dict[str, _Placed]] = {}  # replica id -> request id -> placement
-        self._where: dict[str, str] = {}  # request id -> replica id
+        self._by_replica: dict[str, dict[Hashable, _Placed]] = {}  # replica id -> call -> placement
+        self._where: dict[Hashable, str] = {}  # call -> replica id
         self._versions: dict[str, int] = {}
         self._versions_view = types.MappingProxyType(self._versions)  # live, read-only
         self._last_version = 0
@@ -58,28 +61,43 @@ class Ledger:
             del self._log_versions[:_LOG_MAX // 2]
             del self._log_replicas[:_LOG_MAX // 2]
 
-    def routed(self, request_id: str, replica_id: str, checkpoint: str, *, weights_bytes: int, now_s: float,
-               tentative: bool = False) -> None:
-        """Record (or move) ``request_id``'s placement. Called when the router picks a replica
+    def routed(self, call: Hashable, replica_id: str, checkpoint: str, *, weights_bytes: int, now_s: float,
+               tentative: bool = False, request_id: Hashable = None) -> None:
+        """Record (or move) the placement of one call. Called when the router picks a replica
         (``tentative``: the next request of a burst must see it at once) and again when the
-        replica accepts, which may be another replica. A request still waiting for room is
+        replica accepts, which may be another replica. A call still waiting for room is
         picked again at every retry, which renews its tentative record; one that gave up
         (cancelled, timed out) is picked no more, and its record goes after
-        ``tentative_max_age_s`` (see :meth:`report_arrived`)."""
-        old = self._where.get(request_id)
+        ``tentative_max_age_s`` (see :meth:`report_arrived`).
+
+        ``call`` identifies one call across its retries; ``request_id`` (default: ``call``)
+        is what :meth:`completed` will name. They differ under Ray: its completion callback
+        names only the request id, which every call made while serving one request shares
+        (a fan-out), so concurrent calls need their own keys here."""
+        old = self._where.get(call)
         if old is not None and old != replica_id:
             placed = self._by_replica.get(old)
             if placed is not None:
-                placed.pop(request_id, None)
+                placed.pop(call, None)
                 self._touch(old)
-        self._where[request_id] = replica_id
-        self._by_replica.setdefault(replica_id, {})[request_id] = _Placed(replica_id, checkpoint, weights_bytes, now_s,
-                                                                          None, tentative)
+        self._where[call] = replica_id
+        self._by_replica.setdefault(replica_id, {})[call] = _Placed(
+            replica_id, checkpoint, weights_bytes, now_s, None, tentative, call if request_id is None else request_id)
         self._touch(replica_id)
 
-    def completed(self, request_id: str, replica_id: str, *, now_s: float) -> None:
-        p = self._by_replica.get(replica_id, {}).get(request_id)
-        if p is not None and p.completed_s is None:
+    def completed(self, request_id: Hashable, replica_id: str, *, now_s: float) -> None:
+        """A call of ``request_id`` on ``replica_id`` finished: the oldest of them still
+        running there. Calls that share a request id on one replica are told apart by age
+        alone; either way the replica holds their checkpoints until its next report says
+        otherwise, so a wrong pick only moves an in-use count between them."""
+        placed = self._by_replica.get(replica_id)
+        if not placed:
+            return
+        p = placed.get(request_id)  # the common case: one call, keyed by its request id
+        if p is None or p.request_id != request_id or p.completed_s is not None:
+            p = min((q for q in placed.values() if q.request_id == request_id and q.completed_s is None),
+                    key=_ROUTED_S, default=None)
+        if p is not None:
             p.completed_s = now_s
             self._touch(replica_id)
 

@@ -14,15 +14,18 @@ process's router event loop, so nothing here may block.
 - Reports arrive through ``update_replicas`` (Ray's long-poll broadcast of routing stats);
   they also fill :class:`ReportBoard`, which the ingress reads for ``/v1/status``.
 
-Caveat (Ray 2.60 alpha API): ``internal_request_id`` is shared by every child call of one
-ingress request, so concurrent child calls of one request must not rely on it; the
-ingress sends at most one generate call at a time per request.
+Ledger keys: Ray names a finished call only by its ``internal_request_id``, which every
+call made while serving one request shares (a caller's deployment fanning out several
+generations through one app handle). The ledger keeps a record per call instead (one
+``PendingRequest`` across a call's routing retries) and matches a completion to the oldest
+running call of that request id on that replica.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any, NamedTuple, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -88,6 +91,8 @@ class MemoryAwareRequestRouter(RequestRouter):
         # when none has room; past the first few, ranking every replica is wasted work.
         self._rank_limit = int(rank_limit)
         self._ledger = ledger
+        self._calls: dict[int, tuple[weakref.ref, int]] = {}  # id(PendingRequest) -> (ref, ledger key)
+        self._call_seq = 0
         # Views by slot, kept across decisions: a decision re-scores only the views that
         # changed since its size class was last asked for. A slot per replica id; a freed
         # slot is reused.
@@ -136,8 +141,27 @@ class MemoryAwareRequestRouter(RequestRouter):
     def _record(self, pending_request: PendingRequest, need: Need, replica: RunningReplica | None, rid: str,
                 tentative: bool = False) -> None:
         dtype = (replica.routing_stats if replica is not None else {}).get("default_dtype", "float16")
-        self._ledger.routed(pending_request.metadata.internal_request_id, rid, need.checkpoint,
-                            weights_bytes=need.at(dtype)[0], now_s=time.time(), tentative=tentative)
+        self._ledger.routed(self._call_key(pending_request), rid, need.checkpoint, weights_bytes=need.at(dtype)[0],
+                            now_s=time.time(), tentative=tentative,
+                            request_id=pending_request.metadata.internal_request_id)
+
+    def _call_key(self, pending_request: PendingRequest) -> int:
+        """The ledger's key for one handle call: Ray keeps one PendingRequest across a call's
+        routing retries (choose_replicas, then on_request_routed). Kept by the object's
+        id while it lives (a weak reference: nothing here keeps a finished call alive)."""
+        calls = self._calls
+        got = calls.get(id(pending_request))
+        if got is not None and got[0]() is pending_request:
+            return got[1]
+        self._call_seq += 1
+        ident = id(pending_request)
+
+        def forget(ref: weakref.ref, ident: int = ident) -> None:
+            if calls.get(ident, (None,))[0] is ref:
+                del calls[ident]
+
+        calls[ident] = (weakref.ref(pending_request, forget), self._call_seq)
+        return self._call_seq
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

@@ -635,7 +635,45 @@ def test_choose_replicas_records_its_pick_as_tentative_and_the_accepted_route_as
         router.on_request_routed(accepted, a.replica_id, None)
 
     asyncio.run(scenario())
-    placed = router._ledger._by_replica["a"]
+    placed = {p.request_id: p for p in router._ledger._by_replica["a"].values()}
     assert (placed["gave-up"].tentative, placed["accepted"].tentative) == (True, False)
     router._ledger.report_arrived("a", time.time() + 31.0)  # the one that gave up is forgotten
-    assert list(router._ledger._by_replica["a"]) == ["accepted"]
+    assert [p.request_id for p in router._ledger._by_replica["a"].values()] == ["accepted"]
+
+
+def test_concurrent_calls_sharing_a_request_id_keep_one_ledger_record_each():
+    """A caller's deployment fanning out: Ray gives every call made while serving one request
+    the same internal_request_id, and names only that id when one finishes."""
+    import asyncio
+    import gc
+    import types
+
+    from ray.serve._private.request_router.common import PendingRequest
+
+    a, b = _FakeRunningReplica("a", _report(100)), _FakeRunningReplica("b", _report(100))
+    router = _router([a, b])
+    router._replicas = {a.replica_id: a, b.replica_id: b}
+
+    async def scenario() -> None:
+        def pending(checkpoint):
+            return PendingRequest(args=[{"prompt": "p"}, need(checkpoint)], kwargs={},
+                                  metadata=types.SimpleNamespace(internal_request_id="parent"))
+
+        x, y, z = pending("x"), pending("y"), pending("z")
+        await router.choose_replicas([a, b], x)
+        await router.choose_replicas([a, b], x)  # a routing retry of the same call: still one record
+        router.on_request_routed(x, a.replica_id, None)
+        router.on_request_routed(y, b.replica_id, None)
+        router.on_request_routed(z, a.replica_id, None)
+        assert router._ledger.pending("a") == [("x", 1), ("z", 1)]
+        assert router._ledger.pending("b") == [("y", 1)]
+        router.on_request_completed(a.replica_id, "parent")  # the oldest running call on a: x
+        assert router._ledger.pending("a") == [("x", 0), ("z", 1)]
+        router.on_request_completed(b.replica_id, "parent")
+        assert router._ledger.pending("b") == [("y", 0)]
+        assert len(router._ledger) == 3
+        del x, y, z
+
+    asyncio.run(scenario())
+    gc.collect()
+    assert router._calls == {}  # finished calls are not kept alive by their keys
