@@ -414,6 +414,12 @@ def missed_targets(doc: dict[str, Any]) -> list[str]:
                          "(proxy, ingress, replica, PNG) also shares the same 2 cores as inference and caps (a). Would close "
                          "it: a GPU run (python -m bench.throughput on the device machine), or CPU checkpoints whose "
                          "load/inference cost ratio matches a GPU's.")
+            inf_a, inf_x = a["mean_ms"]["inference"], x["mean_ms"]["inference"]
+            if inf_a and inf_x and inf_a > 1.3 * inf_x:
+                line += (f" Here (a)'s mean inference took {inf_a / inf_x:.2f}x ({k})'s ({inf_a} vs {inf_x} ms) for the "
+                         f"same requests: (a)'s replicas inferred nearly all the time, side by side on the same cores, "
+                         f"while ({k})'s spent part of theirs loading, which left the cores to the other's inference. On "
+                         "GPUs each replica has its own device and inference does not slow with the other replica's.")
             out.append(line)
         elif v["target"] == "p99 vs (b)":
             out.append(f"p99 vs (b): {v['measured']}x, <= 0.5x wanted.")

@@ -98,3 +98,21 @@ def test_built_catalog_weights_span_at_least_10x():
     sizes = weights_bytes(entries)
     assert max(sizes.values()) / min(sizes.values()) >= 10
     assert max(sizes, key=sizes.get) == "bench-xl"
+
+
+def test_missed_targets_names_inference_slowed_by_a_shared_machine():
+    from bench.throughput import missed_targets
+
+    def system(rps, load_ms, inference_ms, disk):
+        return {"throughput_rps": rps, "makespan_s": 43.0, "ok": 480, "served_from": {"disk": disk},
+                "mean_ms": {"load": load_ms, "inference": inference_ms}}
+
+    doc = {"trace": {"requests": 480, "duration_s": 14.9},
+           "systems": {"a": system(11.17, 32.5, 140.8, 19), "b": system(8.41, 136.3, 65.8, 244)},
+           "verdict": [{"target": "throughput vs (b)", "wanted": ">= 2.0x", "measured": 1.328, "met": False}]}
+    (line,) = missed_targets(doc)
+    assert line.startswith("throughput vs (b): 1.328x, 2.0x wanted (66% of the target; (a) would need 16.82 req/s")
+    assert "a service-time ratio of 1.17x" in line
+    assert "(a)'s mean inference took 2.14x (b)'s (140.8 vs 65.8 ms)" in line
+    doc["systems"]["a"]["mean_ms"]["inference"] = 70.0  # no slower than (b)'s: not blamed
+    assert "mean inference took" not in missed_targets(doc)[0]
