@@ -135,6 +135,34 @@ def test_fleet_index_rebuilds_a_size_class_after_the_change_log_is_cut():
     assert fleet.rank(nd, [0] * 6) == rank_indices(views, nd, queue_lens=[0] * 6)
 
 
+def test_a_size_class_in_use_keeps_catching_up_across_cuts_of_the_change_log(monkeypatch):
+    """A cut drops the log's older half only: a class synced since re-scores just the slots
+    that changed, never all of them (bench/sim: the whole-log cut made every class rebuild)."""
+    import router.fleet_index as fleet_index
+
+    rng = random.Random(7)
+    views = random_views(rng, 64)
+    fleet = FleetIndex()
+    for i, v in enumerate(views):
+        fleet.set_view(i, v)
+    nd = need("c1", 30, 5)
+    queues = [0] * 64
+    assert fleet.rank(nd, queues) == rank_indices(views, nd, queue_lens=queues)
+    scored = []
+    real = fleet_index._size_score
+    monkeypatch.setattr(fleet_index, "_size_score", lambda v, *a: scored.append(v) or real(v, *a))
+    start = fleet._log_start
+    for _ in range(30):  # 1,200 changes, past the log's bound (8 x 64 + 64) twice
+        for _ in range(40):
+            i = rng.randrange(4)
+            views[i] = random_views(rng, 1)[0]
+            fleet.set_view(i, views[i])
+        scored.clear()
+        assert fleet.rank(nd, queues) == rank_indices(views, nd, queue_lens=queues)
+        assert 1 <= len(scored) <= 4 and {id(v) for v in scored} <= {id(v) for v in views[:4]}
+    assert fleet._log_start > start  # the log was cut meanwhile
+
+
 def test_fleet_index_misuse_names_the_parameter():
     fleet = FleetIndex()
     fleet.set_view(0, view("a"))
