@@ -139,7 +139,9 @@ def parser() -> argparse.ArgumentParser:
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             ap.add_argument(flag, type=typ, default=None, help=f"default {getattr(d, f.name)!r}")
-    ap.add_argument("--jobs", type=int, default=2, help="policies simulated in parallel processes")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="policies simulated in parallel processes (default 1: a policy run beside another shares "
+                         "the machine, and its timed decisions with it)")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     ap.add_argument("--name", default="sim", help="result file stem (sim -> sim.json, sim.md, sim_*.png)")
     ap.add_argument("--no-plots", action="store_true")
