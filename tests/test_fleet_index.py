@@ -120,12 +120,17 @@ def test_fleet_index_emptied_slots_and_holders_follow_set_view():
     assert fleet.rank(need("x"), [0, 0], limit=1) == [0]
 
 
-def test_fleet_index_rebuilds_a_size_class_after_the_change_log_is_cut():
-    rng = random.Random(5)
-    views = random_views(rng, 6)
+def _filled(views: list[ReplicaView]) -> FleetIndex:
     fleet = FleetIndex()
     for i, v in enumerate(views):
         fleet.set_view(i, v)
+    return fleet
+
+
+def test_fleet_index_rebuilds_a_size_class_after_the_change_log_is_cut():
+    rng = random.Random(5)
+    views = random_views(rng, 6)
+    fleet = _filled(views)
     nd = need("c1", 30, 5)
     assert fleet.rank(nd, [0] * 6) == rank_indices(views, nd, queue_lens=[0] * 6)
     for _ in range(200):  # far past the log's bound (8 x slots + 64)
@@ -142,9 +147,7 @@ def test_a_size_class_in_use_keeps_catching_up_across_cuts_of_the_change_log(mon
 
     rng = random.Random(7)
     views = random_views(rng, 64)
-    fleet = FleetIndex()
-    for i, v in enumerate(views):
-        fleet.set_view(i, v)
+    fleet = _filled(views)
     nd = need("c1", 30, 5)
     queues = [0] * 64
     assert fleet.rank(nd, queues) == rank_indices(views, nd, queue_lens=queues)
