@@ -8,12 +8,15 @@ method) and :class:`deployments.client.LocalRouter`, in the caller's process. Fa
 """
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve import context as serve_context
+from ray.serve._private.utils import generate_request_id
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -40,6 +43,31 @@ class ServiceError(Exception):
 
     def __reduce__(self):  # crosses Ray process boundaries intact
         return (ServiceError, (self.status, self.code, self.message, self.retry_after_s))
+
+
+def remote_as_own_request(method: Any, *args: Any) -> Any:
+    """``method.remote(*args)`` under a Serve request id of its own.
+
+    Ray Serve gives every call made while serving one request that request's
+    ``internal_request_id``, and its request router keeps waiting calls by that id: two
+    concurrent calls of one caller's request (a deployment fanning out several generations
+    through this app's handle) can swap replicas, one sent where the other's checkpoint was
+    placed, and Ray names only the id when a call finishes (read in the installed Ray 2.60:
+    RequestRouter._add_pending_request_to_indices keeps the first call per id). A fresh id
+    makes each call its own, in Ray's routing and in this router's ledger.
+
+    Caveats: it sets Serve's private request context (ray.serve.context, 2.60) for the
+    duration of the ``remote()`` call, which reads it; Ray's cancel of a parent's children,
+    which goes by the parent's id, no longer reaches this call, so the caller cancels it
+    itself (RouterCore does, on its own cancellation and on its timeout).
+    """
+    var = serve_context._serve_request_context
+    current = serve_context._get_serve_request_context()
+    token = var.set(dataclasses.replace(current, _internal_request_id=generate_request_id()))
+    try:
+        return method.remote(*args)
+    finally:
+        var.reset(token)
 
 
 def admission_problem(need: Need, reports: dict[str, dict[str, Any]]) -> str | None:
@@ -120,7 +148,7 @@ class RouterCore:
         """Serve one validated request; raises :class:`ServiceError`."""
         payload, need, received_s = self._prepare(req)
         await self.admit(need)
-        response = self.replicas.generate.remote(payload, need)
+        response = remote_as_own_request(self.replicas.generate, payload, need)
         try:
             result = await asyncio.wait_for(response, timeout=self.settings.request_timeout_s)
         except asyncio.CancelledError:
@@ -135,7 +163,7 @@ class RouterCore:
         handle's result instead of awaiting it, without an event loop of its own."""
         payload, need, received_s = self._prepare(req)
         self.admit_sync(need)
-        response = self.replicas.generate.remote(payload, need)
+        response = remote_as_own_request(self.replicas.generate, payload, need)
         try:
             result = response.result(timeout_s=self.settings.request_timeout_s)
         except _CALL_ERRORS as exc:

@@ -25,7 +25,7 @@ from router.placement import EntryView, ReplicaView
 
 
 _LOG_MAX = 4096  # touches remembered for touched_since
-_ROUTED_S = attrgetter("routed_s")
+_ACCEPTED_FIRST = attrgetter("tentative", "routed_s")
 
 
 @dataclass
@@ -86,17 +86,19 @@ class Ledger:
         self._touch(replica_id)
 
     def completed(self, request_id: Hashable, replica_id: str, *, now_s: float) -> None:
-        """A call of ``request_id`` on ``replica_id`` finished: the oldest of them still
-        running there. Calls that share a request id on one replica are told apart by age
-        alone; either way the replica holds their checkpoints until its next report says
-        otherwise, so a wrong pick only moves an in-use count between them."""
+        """A call of ``request_id`` on ``replica_id`` finished: of the calls of that id still
+        running there, the oldest one a replica accepted, else the oldest tentative one (a
+        tentative record may be a call still waiting for room; without rejection, Ray calls
+        back only on completion, so tentative records are all there is). Calls that share a
+        request id on one replica are told apart by that alone; the replica holds their
+        checkpoints until its next report says otherwise either way."""
         placed = self._by_replica.get(replica_id)
         if not placed:
             return
         p = placed.get(request_id)  # the common case: one call, keyed by its request id
         if p is None or p.request_id != request_id or p.completed_s is not None:
             p = min((q for q in placed.values() if q.request_id == request_id and q.completed_s is None),
-                    key=_ROUTED_S, default=None)
+                    key=_ACCEPTED_FIRST, default=None)
         if p is not None:
             p.completed_s = now_s
             self._touch(replica_id)

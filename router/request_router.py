@@ -14,11 +14,13 @@ process's router event loop, so nothing here may block.
 - Reports arrive through ``update_replicas`` (Ray's long-poll broadcast of routing stats);
   they also fill :class:`ReportBoard`, which the ingress reads for ``/v1/status``.
 
-Ledger keys: Ray names a finished call only by its ``internal_request_id``, which every
-call made while serving one request shares (a caller's deployment fanning out several
-generations through one app handle). The ledger keeps a record per call instead (one
-``PendingRequest`` across a call's routing retries) and matches a completion to the oldest
-running call of that request id on that replica.
+Request ids (Ray 2.60 alpha API): Ray gives every call made while serving one request that
+request's ``internal_request_id``, keeps waiting calls by it (a second concurrent call with
+the same id can be handed the replica chosen for the first), and names only the id when a
+call finishes. RouterCore therefore sends each replica call under an id of its own
+(router.core.remote_as_own_request). The ledger does not rely on that: it keeps a record per
+call (one ``PendingRequest`` across a call's routing retries) and matches a completion to a
+running call of that id on that replica, accepted ones first.
 """
 
 from __future__ import annotations

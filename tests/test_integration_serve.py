@@ -121,6 +121,35 @@ def test_http_and_handle_give_identical_images(app, client):
     assert other_seed["images"] != http["images"]
 
 
+def test_a_deployment_fanning_out_through_the_app_handle_gets_every_answer(app):
+    """Concurrent calls from inside one request share its Serve request id; the Router
+    sends each replica call under its own (router.core.remote_as_own_request)."""
+    from ray import serve
+
+    from deployments.app import INGRESS_DEPLOYMENT
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+    class FanOut:
+        def __init__(self) -> None:
+            self.router = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name="memrouter")
+
+        async def __call__(self, checkpoints: list[str]) -> list[tuple[str, int]]:
+            import asyncio
+
+            answers = await asyncio.gather(*(
+                self.router.generate.remote(GenerateRequest(checkpoint=c, prompt="p", seed=i, width=64, height=64,
+                                                            num_inference_steps=1))
+                for i, c in enumerate(checkpoints)))
+            return [(a.checkpoint, a.seed) for a in answers]
+
+    fan_out = serve.run(FanOut.bind(), name="fanout", route_prefix=None)
+    try:
+        wanted = ["demo-xs", "demo-s", "demo-xs", "demo-s", "demo-m", "demo-xs"]
+        assert fan_out.remote(wanted).result(timeout_s=120) == [(c, i) for i, c in enumerate(wanted)]
+    finally:
+        serve.delete("fanout")
+
+
 def test_handle_errors_are_typed(app):
     from router.ingress import ServiceError
 

@@ -641,6 +641,17 @@ def test_choose_replicas_records_its_pick_as_tentative_and_the_accepted_route_as
     assert [p.request_id for p in router._ledger._by_replica["a"].values()] == ["accepted"]
 
 
+def test_a_completion_shared_by_calls_marks_an_accepted_call_before_a_waiting_one():
+    ledger = Ledger()
+    ledger.routed(2, "a", "y", weights_bytes=40, now_s=1.0, tentative=True, request_id="parent")  # waits for room
+    ledger.routed(1, "a", "x", weights_bytes=40, now_s=2.0, tentative=True, request_id="parent")
+    ledger.routed(1, "a", "x", weights_bytes=40, now_s=2.1, request_id="parent")  # accepted
+    ledger.completed("parent", "a", now_s=3.0)  # call 1 finished: call 2 never ran
+    assert ledger.pending("a") == [("x", 0), ("y", 1)]
+    ledger.completed("parent", "a", now_s=4.0)  # without rejection only tentative records exist
+    assert ledger.pending("a") == [("x", 0), ("y", 0)]
+
+
 def test_concurrent_calls_sharing_a_request_id_keep_one_ledger_record_each():
     """A caller's deployment fanning out: Ray gives every call made while serving one request
     the same internal_request_id, and names only that id when one finishes."""

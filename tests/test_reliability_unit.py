@@ -528,3 +528,62 @@ def test_a_request_cancelled_during_its_load_keeps_the_load_and_skips_the_infere
     assert r["status"] == 499 and r["error"]["code"] == "cancelled" and "inference" in r["error"]["message"]
     rep = replica.memory_report()
     assert [e["name"] for e in rep["entries"]] == ["demo-xs"] and rep["in_flight"] == 0  # cached, not pinned
+
+
+def test_each_replica_call_goes_out_under_a_serve_request_id_of_its_own(demo_dir):
+    """A caller's deployment fanning out through the app: Ray gives every child call the
+    parent's internal_request_id and routes calls sharing one as one (they can swap
+    replicas). RouterCore sends each replica call under its own. The fake handle reads the
+    request context through Ray's own metadata builder, as DeploymentHandle.remote does."""
+    import asyncio
+
+    from ray.serve import context as serve_context
+    from ray.serve._private.default_impl import (create_dynamic_handle_options, create_init_handle_options,
+                                                 get_request_metadata)
+
+    from deployments.demo import demo_registry_entries
+    from router.core import RouterCore, ServiceError, remote_as_own_request
+    from router.registry import Registry
+
+    def metadata():
+        return get_request_metadata(create_init_handle_options(), create_dynamic_handle_options())
+
+    class Handle:  # the replica deployment's handle: records the id each generate call goes out under
+        app_name, deployment_name = "memrouter", "ModelReplica"
+
+        def __init__(self):
+            self.generate, self.sent = self, []
+
+        def remote(self, payload, need):
+            if payload == "boom":
+                raise RuntimeError("send failed")
+            self.sent.append((metadata().internal_request_id, metadata().request_id, need.checkpoint))
+            done = asyncio.get_running_loop().create_future()
+            done.set_result({"status": 503, "error": {"code": "replica_busy", "message": "full"}})
+            return done
+
+    handle = Handle()
+    core = RouterCore(handle, Registry.from_entries(demo_registry_entries(next(iter(demo_dir.values())).parent)),
+                      IngressSettings())
+
+    async def no_admission(need):
+        return None
+
+    core.admit = no_admission
+
+    async def fan_out() -> list:
+        var = serve_context._serve_request_context
+        var.set(serve_context._RequestContext(request_id="user-1", _internal_request_id="parent", app_name="caller"))
+        assert metadata().internal_request_id == "parent"  # Ray's own behaviour: children share it
+        requests = [GenerateRequest.model_validate({"checkpoint": c, "prompt": "p"}) for c in ("demo-xs", "demo-s")]
+        answers = await asyncio.gather(*(core.generate(r) for r in requests), return_exceptions=True)
+        with pytest.raises(RuntimeError, match="send failed"):
+            remote_as_own_request(handle, "boom", None)
+        assert metadata().internal_request_id == "parent"  # restored, after a failed send too
+        return answers
+
+    answers = asyncio.run(fan_out())
+    assert [type(a) for a in answers] == [ServiceError, ServiceError]  # the fake's 503s, answered
+    ids = [sent[0] for sent in handle.sent]
+    assert len(set(ids)) == 2 and "parent" not in ids
+    assert [sent[1:] for sent in handle.sent] == [("user-1", "demo-xs"), ("user-1", "demo-s")]  # the rest is the caller's
