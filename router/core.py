@@ -12,11 +12,11 @@ import dataclasses
 import logging
 import secrets
 import time
+import uuid
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import context as serve_context
-from ray.serve._private.utils import generate_request_id
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -57,13 +57,18 @@ def remote_as_own_request(method: Any, *args: Any) -> Any:
     makes each call its own, in Ray's routing and in this router's ledger.
 
     Caveats: it sets Serve's private request context (ray.serve.context, 2.60) for the
-    duration of the ``remote()`` call, which reads it; Ray's cancel of a parent's children,
+    duration of the ``remote()`` call, which reads it (where that context is not as in 2.60,
+    the call goes out unchanged, sharing the parent's id); Ray's cancel of a parent's children,
     which goes by the parent's id, no longer reaches this call, so the caller cancels it
     itself (RouterCore does, on its own cancellation and on its timeout).
     """
-    var = serve_context._serve_request_context
-    current = serve_context._get_serve_request_context()
-    token = var.set(dataclasses.replace(current, _internal_request_id=generate_request_id()))
+    var = getattr(serve_context, "_serve_request_context", None)
+    current = var.get() if var is not None else None
+    if current is None or not dataclasses.is_dataclass(current) or not hasattr(current, "_internal_request_id"):
+        # Outside a request (a driver: Ray makes a fresh id per call anyway), or a Serve
+        # whose private context differs from 2.60's: the call goes out as Ray would send it.
+        return method.remote(*args)
+    token = var.set(dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
     try:
         return method.remote(*args)
     finally:
