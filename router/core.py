@@ -58,9 +58,10 @@ def remote_as_own_request(method: Any, *args: Any) -> Any:
 
     Caveats: it sets Serve's private request context (ray.serve.context, 2.60) for the
     duration of the ``remote()`` call, which reads it (where that context is not as in 2.60,
-    the call goes out unchanged, sharing the parent's id); Ray's cancel of a parent's children,
-    which goes by the parent's id, no longer reaches this call, so the caller cancels it
-    itself (RouterCore does, on its own cancellation and on its timeout).
+    the call goes out unchanged, sharing the parent's id). Ray tracks a parent's children by
+    the parent's id to cancel them with it; RouterCore does not rely on that and cancels the
+    call itself, on its own cancellation and on its timeout (tests/test_reliability.py: an
+    HTTP client that goes away, and a timeout, each cancel the replica call).
     """
     var = getattr(serve_context, "_serve_request_context", None)
     current = var.get() if var is not None else None

@@ -416,6 +416,26 @@ def test_a_request_that_times_out_is_cancelled_at_the_replica(app, client, path)
     assert all(r["in_flight"] == 0 for r in fresh_reports(client, time.time()).values())
 
 
+def test_an_http_client_that_goes_away_cancels_the_replica_call(app, client):
+    """The proxy cancels the ingress's request when its HTTP client disconnects, and the
+    replica call with it (its replica call runs under a Serve request id of its own): the
+    replica keeps the load and skips the inference nobody will read."""
+    def cancelled() -> int:
+        return sum(r["requests_cancelled"] for r in reports_by_id(client).values())
+
+    before = cancelled()
+    arm(app, [{"site": "load", "kind": "delay", "delay_s": 6, "checkpoint": "demo-m"}])
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/generate", json=body(checkpoint="demo-m", width=64, height=64, num_inference_steps=1),
+                    timeout=1.5)
+    wait_for(lambda: cancelled() == before + 1, timeout_s=60, what="the replica skipping the abandoned request")
+    assert time.monotonic() - t0 < 30
+    reports = reports_by_id(client).values()
+    assert any("demo-m" in [e["name"] for e in r["entries"]] for r in reports)  # the load was kept
+    assert all(r["in_flight"] == 0 for r in fresh_reports(client, time.time()).values())
+
+
 def test_truncated_safetensors_answers_a_clear_error_and_others_keep_serving(app, client):
     assert post(client, "demo-s").status_code == 200
     before = fresh_reports(client, time.time())
