@@ -45,8 +45,8 @@ class ServiceError(Exception):
         return (ServiceError, (self.status, self.code, self.message, self.retry_after_s))
 
 
-def remote_as_own_request(method: Any, *args: Any) -> Any:
-    """``method.remote(*args)`` under a Serve request id of its own.
+def remote_as_own_request(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """``method.remote(*args, **kwargs)`` under a Serve request id of its own.
 
     Ray Serve gives every call made while serving one request that request's
     ``internal_request_id``, and its request router keeps waiting calls by that id: two
@@ -68,10 +68,10 @@ def remote_as_own_request(method: Any, *args: Any) -> Any:
     if current is None or not dataclasses.is_dataclass(current) or not hasattr(current, "_internal_request_id"):
         # Outside a request (a driver: Ray makes a fresh id per call anyway), or a Serve
         # whose private context differs from 2.60's: the call goes out as Ray would send it.
-        return method.remote(*args)
+        return method.remote(*args, **kwargs)
     token = var.set(dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex))
     try:
-        return method.remote(*args)
+        return method.remote(*args, **kwargs)
     finally:
         var.reset(token)
 

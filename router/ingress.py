@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.api import AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse
-from router.core import RouterCore, ServiceError
+from router.core import RouterCore, ServiceError, remote_as_own_request
 from router.estimator import EstimateError
 from router.registry import Dtype, Registry
 from router.settings import IngressSettings
@@ -268,16 +268,18 @@ class RouterIngress:
         if body.checkpoint is not None and body.checkpoint not in self._core.registry:
             raise ServiceError(404, "unknown_checkpoint", f"unknown checkpoint {body.checkpoint[:64]!r}")
         await self._core.ensure_reports()
-        results = []
-        # One call at a time: Ray keys pending requests by the parent request's id, which
-        # every child call of this request shares, so concurrent targeted calls could swap.
-        for rid in sorted(self._core.reports()):
+
+        async def one(rid: str) -> dict[str, Any]:
             try:
-                call = getattr(self._core.replicas, method).remote(body.checkpoint, _target_replica=rid)
-                results.append(await asyncio.wait_for(call, timeout=self._core.settings.request_timeout_s))
+                call = remote_as_own_request(getattr(self._core.replicas, method), body.checkpoint,
+                                             _target_replica=rid)
+                return await asyncio.wait_for(call, timeout=self._core.settings.request_timeout_s)
             except Exception as exc:  # noqa: BLE001 - report per replica, keep going
-                results.append({"replica": rid, "error": type(exc).__name__})
-        return {"replicas": results}
+                return {"replica": rid, "error": type(exc).__name__}
+
+        # Every replica at once: each targeted call goes out under a request id of its own,
+        # so Ray, which keeps waiting calls by request id, cannot swap them.
+        return {"replicas": list(await asyncio.gather(*(one(rid) for rid in sorted(self._core.reports()))))}
 
     @app.post("/v1/admin/offload", responses=ERROR_RESPONSES)
     async def http_offload(self, body: AdminRequest, request: Request) -> dict[str, Any]:

@@ -274,4 +274,6 @@ def test_admin_offload_and_release_need_the_token(client):
     assert r.status_code == 200
     released = [n for rep in r.json()["replicas"] for n in rep.get("released", [])]
     assert released == ["demo-xs"]
+    # The replicas are asked at once; each answer comes from the replica it was sent to.
+    assert [rep["replica"] for rep in r.json()["replicas"]] == sorted(reports_by_id(client))
     assert admin(client, "/v1/admin/offload", {"checkpoint": "nope"}).status_code == 404
