@@ -45,6 +45,7 @@ def error_json(status: int, code: str, message: str, retry_after_s: float | None
 
 # ---- pure checks (no Ray; unit-tested in tests/test_reliability_unit.py) -----------------------
 BODY_METHODS = ("POST", "PUT", "PATCH")
+_ADMIN_CONCURRENCY = 8  # admin calls to replicas in flight at once (see RouterIngress._admin)
 
 
 def body_problem(content_type: str | None, content_length: str | None, max_body_bytes: int) -> tuple[int, str, str] | None:
@@ -269,16 +270,28 @@ class RouterIngress:
             raise ServiceError(404, "unknown_checkpoint", f"unknown checkpoint {body.checkpoint[:64]!r}")
         await self._core.ensure_reports()
 
-        async def one(rid: str) -> dict[str, Any]:
-            try:
-                call = remote_as_own_request(getattr(self._core.replicas, method), body.checkpoint,
-                                             _target_replica=rid)
-                return await asyncio.wait_for(call, timeout=self._core.settings.request_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - report per replica, keep going
-                return {"replica": rid, "error": type(exc).__name__}
+        # A few replicas at a time: each targeted call goes out under a request id of its own,
+        # so Ray, which keeps waiting calls by request id, cannot swap them; the bound keeps a
+        # large fleet's admin calls, each waiting for its replica's room, from taking every
+        # routing task of this process from generate traffic.
+        slots = asyncio.Semaphore(_ADMIN_CONCURRENCY)
 
-        # Every replica at once: each targeted call goes out under a request id of its own,
-        # so Ray, which keeps waiting calls by request id, cannot swap them.
+        async def one(rid: str) -> dict[str, Any]:
+            async with slots:
+                call = None
+                try:
+                    call = remote_as_own_request(getattr(self._core.replicas, method), body.checkpoint,
+                                                 _target_replica=rid)
+                    return await asyncio.wait_for(call, timeout=self._core.settings.request_timeout_s)
+                except asyncio.CancelledError:
+                    if call is not None:
+                        call.cancel()  # the admin client went away: so does the replica call
+                    raise
+                except Exception as exc:  # noqa: BLE001 - report per replica, keep going
+                    if call is not None and isinstance(exc, TimeoutError):
+                        call.cancel()  # not left to run after its answer was given up
+                    return {"replica": rid, "error": type(exc).__name__}
+
         return {"replicas": list(await asyncio.gather(*(one(rid) for rid in sorted(self._core.reports()))))}
 
     @app.post("/v1/admin/offload", responses=ERROR_RESPONSES)

@@ -88,14 +88,19 @@ class Ledger:
     def completed(self, request_id: Hashable, replica_id: str, *, now_s: float) -> None:
         """A call of ``request_id`` on ``replica_id`` finished: of the calls of that id still
         running there, the oldest one a replica accepted, else the oldest tentative one (a
-        tentative record may be a call still waiting for room; without rejection, Ray calls
-        back only on completion, so tentative records are all there is). Calls that share a
-        request id on one replica are told apart by that alone; the replica holds their
-        checkpoints until its next report says otherwise either way."""
+        tentative record may be a call still waiting for room; where Ray sends without
+        rejection, it calls back only on completion, so tentative records are all there is).
+        Calls that share a request id on one replica are told apart by that alone; the
+        replica holds their checkpoints until its next report says otherwise either way.
+
+        Caveat: Ray calls back for an attempt a replica rejected too, from another thread,
+        possibly after the same call was accepted by that replica on a retry; that marks the
+        running call finished early, and its checkpoint shows idle until the replica's next
+        report (one report period)."""
         placed = self._by_replica.get(replica_id)
         if not placed:
             return
-        p = placed.get(request_id)  # the common case: one call, keyed by its request id
+        p = placed.get(request_id)  # a caller that keys calls by their request id (bench/sim)
         if p is None or p.request_id != request_id or p.completed_s is not None:
             p = min((q for q in placed.values() if q.request_id == request_id and q.completed_s is None),
                     key=_ACCEPTED_FIRST, default=None)

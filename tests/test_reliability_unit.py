@@ -587,3 +587,52 @@ def test_each_replica_call_goes_out_under_a_serve_request_id_of_its_own(demo_dir
     ids = [sent[0] for sent in handle.sent]
     assert len(set(ids)) == 2 and "parent" not in ids
     assert [sent[1:] for sent in handle.sent] == [("user-1", "demo-xs"), ("user-1", "demo-s")]  # the rest is the caller's
+
+
+def test_admin_calls_go_to_every_replica_a_bounded_number_at_a_time():
+    """/v1/admin/offload and /release ask every replica, at most _ADMIN_CONCURRENCY at once
+    (each waits for its replica's room and holds one of this process's routing tasks), each
+    under its own request id; a call that times out is cancelled and reported per replica."""
+    import asyncio
+    import types
+
+    from router.api import AdminRequest
+    from router.ingress import _ADMIN_CONCURRENCY, RouterIngress
+
+    replica_ids = [f"r{i:02d}" for i in range(20)]
+    seen = {"now": 0, "max": 0, "cancelled": []}
+
+    class Call:
+        def __init__(self, rid):
+            self.rid = rid
+
+        def __await__(self):
+            seen["now"] += 1
+            seen["max"] = max(seen["max"], seen["now"])
+            try:
+                yield from asyncio.sleep(5 if self.rid == "r07" else 0.01).__await__()  # r07 never answers in time
+                return {"replica": self.rid, "released": []}
+            finally:
+                seen["now"] -= 1
+
+        def cancel(self):
+            seen["cancelled"].append(self.rid)
+
+    class Method:
+        def remote(self, checkpoint, _target_replica):
+            return Call(_target_replica)
+
+    core = types.SimpleNamespace(registry={}, replicas=types.SimpleNamespace(release=Method()),
+                                 settings=IngressSettings(request_timeout_s=0.5),
+                                 reports=lambda: dict.fromkeys(reversed(replica_ids), {}))
+
+    async def ensure_reports():
+        return None
+
+    core.ensure_reports = ensure_reports
+    ingress = types.SimpleNamespace(_core=core)  # _admin reads only the core (no Serve wrapper here)
+    out = asyncio.run(RouterIngress._admin(ingress, "release", AdminRequest()))
+    assert [r["replica"] for r in out["replicas"]] == replica_ids  # every replica, in id order
+    assert out["replicas"][7] == {"replica": "r07", "error": "TimeoutError"}
+    assert seen["cancelled"] == ["r07"] and seen["now"] == 0
+    assert seen["max"] == _ADMIN_CONCURRENCY == 8
