@@ -156,13 +156,28 @@ class RouterCore:
         await self.admit(need)
         response = remote_as_own_request(self.replicas.generate, payload, need)
         try:
-            result = await asyncio.wait_for(response, timeout=self.settings.request_timeout_s)
-        except asyncio.CancelledError:
-            response.cancel()  # our caller gave up (HTTP client gone): so does the replica
-            raise
+            result = await self.reply(response)
         except _CALL_ERRORS as exc:
-            raise self._failure(exc, response) from None
+            raise self._failure(exc) from None
         return self._finish(result, received_s)
+
+    async def reply(self, response: Any) -> Any:
+        """The answer of a replica call (a DeploymentResponse) within request_timeout_s.
+
+        A call given up on is cancelled at the replica too: giving up on a response does not
+        cancel it (Serve's __await__), and the replica would load and run for an answer
+        nobody reads. Given up: our caller's cancellation (an HTTP client gone) or our
+        timeout, not a TimeoutError the replica raised itself (Ray makes a replica's
+        exception an instance of its cause's class too)."""
+        try:
+            return await asyncio.wait_for(response, timeout=self.settings.request_timeout_s)
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except TimeoutError as exc:
+            if not isinstance(exc, RayTaskError):
+                response.cancel()
+            raise
 
     def generate_sync(self, req: GenerateRequest) -> GenerateResponse:
         """:meth:`generate` for synchronous callers (not inside an event loop): blocks on the
@@ -199,7 +214,8 @@ class RouterCore:
 
     def _failure(self, exc: BaseException, response: Any = None) -> ServiceError:
         """The answer to a failed replica call (one of _CALL_ERRORS); on our own timeout it
-        also cancels ``response`` (the call's DeploymentResponse, when given)."""
+        also cancels ``response`` (the call's DeploymentResponse, when given: the synchronous
+        path; :meth:`reply` cancels for the asynchronous one)."""
         # RayTaskError first: Ray makes a replica's exception an instance of its cause's class
         # too, so a TimeoutError raised inside the replica is one as well, and is no gateway timeout.
         if isinstance(exc, RayTaskError):  # a bug in replica code: not the client's fault, not transient

@@ -278,18 +278,10 @@ class RouterIngress:
 
         async def one(rid: str) -> dict[str, Any]:
             async with slots:
-                call = None
                 try:
-                    call = remote_as_own_request(getattr(self._core.replicas, method), body.checkpoint,
-                                                 _target_replica=rid)
-                    return await asyncio.wait_for(call, timeout=self._core.settings.request_timeout_s)
-                except asyncio.CancelledError:
-                    if call is not None:
-                        call.cancel()  # the admin client went away: so does the replica call
-                    raise
+                    return await self._core.reply(remote_as_own_request(
+                        getattr(self._core.replicas, method), body.checkpoint, _target_replica=rid))
                 except Exception as exc:  # noqa: BLE001 - report per replica, keep going
-                    if call is not None and isinstance(exc, TimeoutError):
-                        call.cancel()  # not left to run after its answer was given up
                     return {"replica": rid, "error": type(exc).__name__}
 
         return {"replicas": list(await asyncio.gather(*(one(rid) for rid in sorted(self._core.reports()))))}

@@ -97,13 +97,8 @@ class Ledger:
         possibly after the same call was accepted by that replica on a retry; that marks the
         running call finished early, and its checkpoint shows idle until the replica's next
         report (one report period)."""
-        placed = self._by_replica.get(replica_id)
-        if not placed:
-            return
-        p = placed.get(request_id)  # a caller that keys calls by their request id (bench/sim)
-        if p is None or p.request_id != request_id or p.completed_s is not None:
-            p = min((q for q in placed.values() if q.request_id == request_id and q.completed_s is None),
-                    key=_ACCEPTED_FIRST, default=None)
+        p = min((q for q in self._by_replica.get(replica_id, {}).values()
+                 if q.request_id == request_id and q.completed_s is None), key=_ACCEPTED_FIRST, default=None)
         if p is not None:
             p.completed_s = now_s
             self._touch(replica_id)

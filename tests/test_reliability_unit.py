@@ -597,6 +597,7 @@ def test_admin_calls_go_to_every_replica_a_bounded_number_at_a_time():
     import types
 
     from router.api import AdminRequest
+    from router.core import RouterCore
     from router.ingress import _ADMIN_CONCURRENCY, RouterIngress
 
     replica_ids = [f"r{i:02d}" for i in range(20)]
@@ -630,6 +631,7 @@ def test_admin_calls_go_to_every_replica_a_bounded_number_at_a_time():
         return None
 
     core.ensure_reports = ensure_reports
+    core.reply = lambda response: RouterCore.reply(core, response)  # reads only the settings
     ingress = types.SimpleNamespace(_core=core)  # _admin reads only the core (no Serve wrapper here)
     out = asyncio.run(RouterIngress._admin(ingress, "release", AdminRequest()))
     assert [r["replica"] for r in out["replicas"]] == replica_ids  # every replica, in id order
