@@ -87,6 +87,9 @@ class PeerReplica:
 
         pipelines.quiet_progress_bars()
         self.registry = Registry.from_entries(entries)
+        # The same start-up warm-up as ModelReplica (replica.warm_up, on by default), so
+        # that no system's first requests pay for the imports the others do not.
+        pipelines.warm_up(spec.path for spec in self.registry)
         self.budget_bytes = int(budget_bytes)
         self.max_models = int(max_models)
         self.tracker = pipelines.LeakTracker()

@@ -43,6 +43,11 @@ class ReplicaSettings(BaseModel):
         description="Among more than this many replicas that serve a request equally well (e.g. all with free "
                     "room), the least loaded is sought within a window of this many, which rotates per decision; "
                     "up to this many are ranked exactly. Larger: closer to exact, slower at many replicas.")
+    warm_up: bool = Field(
+        default=True,
+        description="At start, before taking requests, import the pipeline and component classes the registered "
+                    "checkpoints name (model_index.json only, no weights): a first load in a fresh process "
+                    "otherwise pays for those imports (seconds). Reported as warm_up in each replica's report.")
     fault_injection: bool = Field(
         default=False,
         description="TEST SEAM (deployments/faults.py): lets ModelReplica.inject_faults arm injected out-of-memory "

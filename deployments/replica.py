@@ -93,6 +93,10 @@ class ModelReplica:
             self._backend,
         )
         self._estimator = Estimator()
+        # Before the first request: Serve routes to a replica only once its constructor returns.
+        self._warm_up = pipelines.warm_up(spec.path for spec in self._registry) if cfg.replica.warm_up else None
+        if self._warm_up is not None and self._warm_up.failures:
+            log.warning("warm-up could not import: %s", "; ".join(self._warm_up.failures))
         # report_seq: advances only when the report changes in more than what time alone
         # moves (_routing_fingerprint; that covers everything the request router reads). Ray hands the router a new copy of every replica's
         # stats on each broadcast, and an unchanged replica reports every period; by this the
@@ -115,8 +119,9 @@ class ModelReplica:
         self._monitor = threading.Thread(target=self._idle_loop, name="memrouter-idle", daemon=True)
         self._monitor.start()
         self._sample("start")
-        log.info("replica %s: profile %s, device %s, budget %d bytes", self.replica_id, self.profile.name,
-                 self.device, self.profile.device_budget_bytes)
+        log.info("replica %s: profile %s, device %s, budget %d bytes, warm-up %s", self.replica_id,
+                 self.profile.name, self.device, self.profile.device_budget_bytes,
+                 self._warm_up.as_dict() if self._warm_up is not None else "off")
 
     # ---- background --------------------------------------------------------------------------
     def _idle_loop(self) -> None:
@@ -288,6 +293,7 @@ class ModelReplica:
             "requests_cancelled": self._cancelled,
             "service_times": self._service_times.report().as_dict(),
             "leaked_modules": rep.leaked_modules,
+            "warm_up": self._warm_up.as_dict() if self._warm_up is not None else None,
             "cuda": cuda,
             "timestamp_s": time.time(),
         }

@@ -287,3 +287,41 @@ def test_cuda_facts_with_cuda():
     assert name and total > 0
     mem = P.cuda_memory_bytes()
     assert set(mem) == {"free", "total", "reserved", "allocated"} and mem["total"] == total
+
+
+# ---- warm-up ---------------------------------------------------------------------------------
+def test_warm_up_imports_the_named_classes_in_a_fresh_process(demo_dir):
+    # A fresh interpreter: this one has imported them already. The CLIP text model's module
+    # is imported by transformers only on first use of the class.
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from deployments import pipelines\n"
+        "mod = 'transformers.models.clip.modeling_clip'\n"
+        "before = mod in sys.modules\n"
+        f"w = pipelines.warm_up([{str(demo_dir['demo-s'])!r}])\n"
+        "print(before, mod in sys.modules, len(w.classes), len(w.failures))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["False", "True", "6", "0"]
+
+
+def test_warm_up_records_what_it_cannot_import(demo_dir, tmp_path):
+    import json
+
+    bogus = Path(shutil.copytree(demo_dir["demo-xs"], tmp_path / "bogus"))
+    index = json.loads((bogus / "model_index.json").read_text())
+    index["unet"] = ["diffusers", "NoSuchUNet"]
+    (bogus / "model_index.json").write_text(json.dumps(index))
+    w = P.warm_up([demo_dir["demo-xs"], demo_dir["demo-s"], bogus, tmp_path / "missing"])
+    assert w.classes == ("diffusers.AutoencoderKL", "diffusers.EulerDiscreteScheduler",
+                         "diffusers.StableDiffusionPipeline", "diffusers.UNet2DConditionModel",
+                         "transformers.CLIPTextModel", "transformers.CLIPTokenizer")
+    assert len(w.failures) == 2
+    assert w.failures[0].startswith("missing: model_index.json: FileNotFoundError")
+    assert w.failures[1].startswith("bogus: diffusers.NoSuchUNet: AttributeError")
+    assert not any(str(tmp_path) in f for f in w.failures)  # reports are shown to clients
+    assert w.as_dict()["classes"] == 6 and w.as_dict()["failures"] == list(w.failures)

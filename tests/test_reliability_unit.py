@@ -638,3 +638,34 @@ def test_admin_calls_go_to_every_replica_a_bounded_number_at_a_time():
     assert out["replicas"][7] == {"replica": "r07", "error": "TimeoutError"}
     assert seen["cancelled"] == ["r07"] and seen["now"] == 0
     assert seen["max"] == _ADMIN_CONCURRENCY == 8
+
+
+def test_replica_warm_up_is_reported_and_a_bad_class_does_not_stop_it(demo_dir, tmp_path):
+    import json
+
+    from deployments.demo import demo_registry_entries
+    from deployments.replica import ModelReplica
+
+    root = next(iter(demo_dir.values())).parent
+    entries = demo_registry_entries(root)
+    bogus = Path(shutil.copytree(demo_dir["demo-xs"], tmp_path / "bogus-folder"))
+    index = json.loads((bogus / "model_index.json").read_text())
+    index["vae"] = ["diffusers", "NoSuchVAE"]
+    (bogus / "model_index.json").write_text(json.dumps(index))
+    config = {"registry": [*entries, dict(entries[0], name="bogus", path=str(bogus))],
+              "replica": {"profile": "cpu", "cpu_budget_bytes": 140_000_000}}
+    rep = ModelReplica(config)
+    try:
+        warm = rep.memory_report()["warm_up"]
+        assert warm["classes"] == 6 and warm["elapsed_ms"] >= 0
+        assert len(warm["failures"]) == 1 and warm["failures"][0].startswith("bogus-folder: diffusers.NoSuchVAE: ")
+        assert rep._generate_sync(_request("demo-xs"))["status"] == 200
+        r = rep._generate_sync(_request("bogus"))
+        assert r["status"] == 500 and r["error"]["code"] == "checkpoint_load_failed"
+    finally:
+        rep.shutdown()
+    off = ModelReplica({**config, "replica": {**config["replica"], "warm_up": False}})
+    try:
+        assert off.memory_report()["warm_up"] is None
+    finally:
+        off.shutdown()
