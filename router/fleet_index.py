@@ -29,8 +29,8 @@ import struct
 from bisect import bisect_left, insort
 from typing import Sequence
 
-from router.placement import (_FIELD_BITS, _FIELD_MASK, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView, _best_wait_s,
-                              _fill_memo, _FITS, _gate, _keep, _rank_floor, _Score, _size_score)
+from router.placement import (_FIELD_BITS, _FIELD_MASK, _LATER, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView,
+                              _best_wait_s, _fill_memo, _FITS, _gate, _keep, _later, _rank_floor, _Score, _size_score)
 
 _MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
 
@@ -253,7 +253,7 @@ class FleetIndex:
             # (a popular checkpoint has many holders) or looking at anyone else.
             ranked, spilled = self._walk(held, None, hscores, queue_lens, spill_queue_len, want, _NO_GATE,
                                          evict_for_held, min_queue_len, _AFTER_ON_HOST)
-            if spilled is None:
+            if spilled is None and not self._sooner_possible(need, ranked, hscores):
                 ranked.sort()
                 return [k & _FIELD_MASK for k in ranked[:want]]
 
@@ -281,6 +281,18 @@ class FleetIndex:
             # Few can pass the gate: all of them, in any order, rather than a walk past the rest.
             ranked, spilled = self._passing(cls, prefix, holders, queue_lens, spill_queue_len, best_wait_s,
                                             evict_for_held, min_queue_len), None
+        elif gate and best_wait_s is not None:
+            # Sooner first (rank_indices): the replicas that pass the gate by their times
+            # place before all others, so they are walked first, and the rest only when
+            # fewer than want of them are below the spill line.
+            ranked, spilled = self._walk(cls.order, holders, cls.scores, queue_lens, spill_queue_len, want,
+                                         best_wait_s, evict_for_held, min_queue_len, stop, _SOONER)
+            if spilled is not None:
+                more, more_spilled = self._walk(cls.order, holders, cls.scores, queue_lens, spill_queue_len,
+                                                want - len(ranked), best_wait_s, evict_for_held, min_queue_len,
+                                                stop, _NOT_SOONER)
+                ranked.extend(more)
+                spilled = None if more_spilled is None else spilled + more_spilled
         else:
             ranked, spilled = self._walk(cls.order, holders, cls.scores, queue_lens, spill_queue_len, want,
                                          best_wait_s if gate else _NO_GATE, evict_for_held, min_queue_len, stop)
@@ -304,20 +316,48 @@ class FleetIndex:
             if not qmin <= q <= _FIELD_MASK:
                 raise _bad_queue(q, qmin)
             if _keep(s, q, views[slot], best_wait_s, evict_for_held):
-                keys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0))
+                keys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0)
+                            | _later(s, best_wait_s))
         return keys
+
+    def _sooner_possible(self, need: Need, ranked: list[int], hscores: Sequence[_Score | None]) -> bool:
+        """Whether a replica that must load could pass the holder gate by its times, given
+        ``ranked``, keys of holders on their device or host (rank's shortcut): then it
+        would place before them (rank_indices: sooner first) and the shortcut is wrong.
+
+        False when one of them has no measured times (the gate does not go by times), or when
+        the least wait among them (a bound from above of the best holder's wait) is no more
+        than the least measured load time of the size class (a bound from below of every
+        other replica's): the common case of an idle holder is a wait of 0."""
+        views = self._views
+        wait_s = _INF
+        for key in ranked:
+            slot = key & _FIELD_MASK
+            s = hscores[slot]
+            if s.fixed_s is None:
+                return False
+            wait_s = min(wait_s, ((key >> _FIELD_BITS) & _FIELD_MASK) * views[slot].inference_s + s.fixed_s)
+        if wait_s == 0.0:
+            return False
+        by_fixed = self._synced(need).by_fixed
+        i = bisect_left(by_fixed, 1 << _FIELD_BITS)  # the first measured one (image >= 1)
+        return i < len(by_fixed) and by_fixed[i] >> _FIELD_BITS < _fixed_image(wait_s)
 
     def _walk(self, order: list[int], skip: set[int] | None, scores: Sequence[_Score | None],
               queue_lens: Sequence[int], spill_queue_len: int, want: int, best_wait_s: float | None | object,
-              evict_for_held: bool, qmin: int, stop: int) -> tuple[list[int], list[int] | None]:
+              evict_for_held: bool, qmin: int, stop: int,
+              subset: int = 0) -> tuple[list[int], list[int] | None]:
         """Sort keys (unsorted) of the replicas in ``order`` (ascending static base | slot,
         less ``skip``) that can be in the first ``want`` places: (keys below the spill line,
         None) once ``want`` of those are certain, else (those, the spilled keys) after the
         whole list or at the first base >= ``stop``. ``best_wait_s`` _NO_GATE: the holder
-        gate is off; else ``scores[slot]`` feeds it."""
+        gate is off; else ``scores[slot]`` feeds it. ``subset`` (with the gate's wait known):
+        _SOONER walks only the replicas with measured times (those the gate keeps place
+        sooner first), _NOT_SOONER only the others, their keys marked later; 0 walks all."""
         views = self._views
         gate = best_wait_s is not _NO_GATE
         wait_known = gate and best_wait_s is not None
+        later = _LATER if subset == _NOT_SOONER else 0
         # A tie group (equal base) at a time. Members of a group order by queue length, then
         # slot: a group is walked until ``want`` places are certain, which is when the places
         # before it plus its members at the smallest queue length (qmin: none can beat them)
@@ -358,6 +398,8 @@ class FleetIndex:
                     # The gate's queue-free test first (_keep's): under load most fail it, and
                     # a queue length read costs a read of Ray's cache.
                     fixed_s = scores[slot].fixed_s
+                    if subset and (fixed_s is None) == (subset == _SOONER):
+                        continue
                     if fixed_s is not None and fixed_s >= best_wait_s and scores[slot].rank > _ON_HOST:
                         continue
                 q = queue_lens[slot]
@@ -366,13 +408,13 @@ class FleetIndex:
                 if gate and not _keep(scores[slot], q, views[slot], best_wait_s, evict_for_held):
                     continue
                 if q < spill_queue_len:
-                    ranked.append(base | (q << _FIELD_BITS) | slot)
+                    ranked.append(base | (q << _FIELD_BITS) | slot | later)
                     if q == qmin:
                         at_qmin += 1
                         if before + at_qmin >= want:
                             return ranked, None
                 else:
-                    spilled.append(base | (q << _FIELD_BITS) | slot | _SPILLED)
+                    spilled.append(base | (q << _FIELD_BITS) | slot | _SPILLED | later)
             i = end
         if len(ranked) >= want:
             return ranked, None
@@ -398,6 +440,8 @@ def _bad_queue(q: int, min_queue_len: int) -> ValueError:
 
 
 _NO_GATE = object()
+_SOONER, _NOT_SOONER = 1, 2  # _walk's subsets
+_INF = float("inf")
 _NO_PREFIX = 1 << 62
 _AFTER_FITS = _rank_floor(_FITS + 1)
 _AFTER_ON_HOST = _rank_floor(_ON_HOST + 1)

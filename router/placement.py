@@ -190,8 +190,11 @@ _MEMO_MAX = 4096  # distinct needs remembered per view; a view lives about one r
 # A decision sorts one int per replica instead of nested tuples: at 256 replicas the sort
 # took about 150 us with tuples and about 20 us with ints (CPython 3.11, bench machine).
 # The int orders exactly as the tuple
-# (spilled, rank, evict bytes, victims' mean last-use s, queue length, view index) would:
+# (spilled, later, rank, evict bytes, victims' mean last-use s, queue length, view index) would:
 #   bit 256          spilled (queue at or above spill_queue_len)
+#   bit 255          later: set by rank_indices's holder gate, once the holders' times are
+#                    measured, on every replica not expected to start the request sooner
+#                    than the best holder (see rank_indices)
 #   bits 192..194    rank
 #   bits 128..191    evict bytes
 #   bits 64..127     victims' mean last-use s, as an ordered 64-bit image of the float
@@ -201,6 +204,7 @@ _FIELD_BITS = 32
 _FIELD_MASK = (1 << _FIELD_BITS) - 1
 _U64 = (1 << 64) - 1
 _SPILLED = 1 << 256
+_LATER = 1 << 255
 _DOUBLE = struct.Struct("<d")
 _UINT64 = struct.Struct("<Q")
 
@@ -430,6 +434,14 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     evict only once ``evict_for_held`` (the caller has waited long enough, as Ray's
     multiplexing waits a bounded time for a replica holding the model).
 
+    Sooner first: once every holder on its device or host has measured times, the replicas
+    kept by that comparison (expected to start sooner than at the best holder) rank before
+    the holders and the replicas kept by rank (the key's ``later`` bit), each group in the
+    order above. A holder whose queue makes a load elsewhere quicker so stops taking the
+    checkpoint's requests before its queue reaches ``spill_queue_len``. In the simulator
+    (bench/sim, policy a, 256 replicas) this cut p99 latency from 38.6 to 26.2 s (seed 1)
+    and from 173.2 to 155.4 s (seed 2), for 31% and 23% more GPU-seconds spent loading.
+
     Caveat: the estimate is per replica, not per checkpoint (one mean inference time), and
     assumes the queue ahead runs at that mean.
     """
@@ -460,17 +472,25 @@ def _best_wait_s(held) -> float | None:
 
 def _gate(keys: list[int], scores: list[_Score], views: Sequence[ReplicaView], queue_lens: Sequence[int],
           best_wait_s: float | None, evict_for_held: bool) -> list[int]:
-    """The holder gate of rank_indices: the keys of the replicas it keeps, in view order."""
+    """The holder gate of rank_indices: the keys of the replicas it keeps, in view order,
+    with the ``later`` bit set where it applies (see rank_indices: sooner first)."""
     kept = []
     add = kept.append
+    later = 0 if best_wait_s is None else _LATER
     for k, s in zip(keys, scores):
         if s.rank <= _ON_HOST:  # inline: most keys under load are holders or fail the first test
-            add(k)
+            add(k | later)
         else:
             i = k & _FIELD_MASK
             if _keep(s, queue_lens[i], views[i], best_wait_s, evict_for_held):
-                add(k)
+                add(k | _later(s, best_wait_s))
     return kept
+
+
+def _later(s: _Score, best_wait_s: float | None) -> int:
+    """The ``later`` bit of a replica that must load and that the holder gate kept: not set
+    when the gate kept it for starting sooner than the best holder (both sides measured)."""
+    return 0 if best_wait_s is None or s.fixed_s is not None else _LATER
 
 
 def _keep(s: _Score, queue_len: int, view: ReplicaView, best_wait_s: float | None, evict_for_held: bool) -> bool:

@@ -51,6 +51,62 @@ def test_fleet_index_ranks_as_rank_indices_cut_to_the_limit_as_views_change(seed
     assert compared == 400 and cut > 50  # the limit did cut orders short
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_fleet_index_ranks_sooner_first_as_rank_indices_in_large_fleets(seed, monkeypatch):
+    # Enough replicas that the gate's candidates outnumber 2 x limit + 32, so that the walks
+    # run (split into replicas kept by their times and the rest), and loaded holders, so
+    # that the holders' shortcut must check whether a load elsewhere could be sooner.
+    import router.fleet_index as fi
+
+    calls = {"sooner_walk": 0, "rest_walk": 0, "shortcut_refused": 0}
+    walk, possible = FleetIndex._walk, FleetIndex._sooner_possible
+
+    def counting_walk(self, *args):
+        subset = args[-1] if len(args) == 11 else 0
+        calls["sooner_walk"] += subset == fi._SOONER
+        calls["rest_walk"] += subset == fi._NOT_SOONER
+        return walk(self, *args)
+
+    def counting_possible(self, *args):
+        out = possible(self, *args)
+        calls["shortcut_refused"] += out
+        return out
+
+    monkeypatch.setattr(FleetIndex, "_walk", counting_walk)
+    monkeypatch.setattr(FleetIndex, "_sooner_possible", counting_possible)
+    rng = random.Random(300 + seed)
+
+    def fresh() -> ReplicaView:
+        # Few holders per checkpoint (60 names), nearly all measured: the gate goes by times.
+        v = random_views(rng, 1)[0]
+        entries = {f"c{rng.randrange(60)}": e for e in v.entries.values()}
+        used = sum(e.bytes for e in entries.values() if e.tier == "device")
+        v = v.with_entries(entries, used)
+        if rng.random() < 0.05:
+            return v
+        return dataclasses.replace(v, inference_s=rng.choice([0.5, 1.0, 3.0]),
+                                   disk_load_bytes_per_s=rng.choice([5.0, 20.0, 80.0]),
+                                   host_reload_bytes_per_s=rng.choice([50.0, 200.0]))
+
+    views = [fresh() for _ in range(160)]
+    fleet = FleetIndex()
+    for i, v in enumerate(views):
+        fleet.set_view(i, v)
+    for step in range(150):
+        for _ in range(rng.randrange(0, 6)):
+            i = rng.randrange(len(views))
+            views[i] = fresh()
+            fleet.set_view(i, views[i])
+        nd = need(f"c{rng.randrange(60)}", weights=rng.randrange(5, 60), workspace=rng.randrange(0, 10))
+        queues = [rng.randrange(1, 9) if rng.random() < 0.8 else 0 for _ in views]
+        spill, held = rng.randrange(2, 9), rng.random() < 0.5
+        limit = rng.choice([1, 2, 5, 16])
+        expected = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues, evict_for_held=held)
+        got = fleet.rank(nd, queues, spill_queue_len=spill, evict_for_held=held, limit=limit)
+        assert got == expected[:limit], (step, limit)
+    assert calls["sooner_walk"] > 10 and calls["rest_walk"] > 0 and calls["shortcut_refused"] > 0, calls
+
+
 def test_fleet_index_ties_go_by_queue_then_slot_and_spilled_last():
     fleet = FleetIndex()
     for i in range(5):

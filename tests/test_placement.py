@@ -446,14 +446,33 @@ def test_with_measured_times_a_replica_loads_a_held_checkpoint_only_when_that_be
     evicts = timed(view("evicts", used=90, a=("device", 90, 5.0)))  # 0 + (40 + 90) / 100 = 1.3 s: kept
     views = [holder, room, busy_room, evicts]
     ids = lambda order: [views[i].replica_id for i in order]  # noqa: E731
-    # Holder first (queue 3 < spill 4); the rest by rank and queue; busy_room is gated out.
-    assert ids(rank_indices(views, need())) == ["holder", "room", "evicts"]
+    # room and evicts are expected to start sooner than at the holder, so they go first (by
+    # rank and queue among themselves), then the holder; busy_room is gated out.
+    assert ids(rank_indices(views, need())) == ["room", "evicts", "holder"]
     # Whether or not the request has waited holder_wait_s: measured times decide.
-    assert ids(rank_indices(views, need(), evict_for_held=False)) == ["holder", "room", "evicts"]
+    assert ids(rank_indices(views, need(), evict_for_held=False)) == ["room", "evicts", "holder"]
     # A longer queue at the holder (spilled: ranked after) lets busy_room in too.
     assert ids(rank_indices(views, need(), queue_lens=[8, 2, 3, 0])) == ["room", "busy_room", "evicts", "holder"]
     # An idle holder: nobody else loads it.
     assert ids(rank_indices(views, need(), queue_lens=[0, 0, 0, 0])) == ["holder"]
+
+
+def test_sooner_first_only_for_replicas_kept_by_their_times():
+    # need(): a 0.4 s load at 100 B/s; 1 s per inference.
+    holder = timed(view("holder", used=40, queue=1, x=("device", 40)))  # waits 1 s
+    room = timed(view("room", used=0, queue=0))  # 0.4 s: sooner
+    slow = timed(view("slow", used=0, queue=0), disk_bps=50.0)  # 0.8 s: sooner too
+    untimed = view("untimed", used=0, queue=0)  # free room, no times: kept by rank, not sooner
+    views = [untimed, slow, holder, room]
+    ids = lambda order: [views[i].replica_id for i in order]  # noqa: E731
+    # Sooner ones first, in static order (equal ranks: queue, then view order), then the
+    # holder, then the replica kept by rank.
+    assert ids(rank_indices(views, need())) == ["slow", "room", "holder", "untimed"]
+    # The same places without the holder's wait: an idle holder takes it, nobody is sooner.
+    assert ids(rank_indices(views, need(), queue_lens=[0, 0, 0, 0])) == ["holder", "untimed"]
+    # A holder without times: no best wait to beat, the order is by rank as before.
+    plain = [untimed, slow, view("holder", used=40, queue=1, x=("device", 40)), room]
+    assert [plain[i].replica_id for i in rank_indices(plain, need())] == ["holder", "untimed", "slow", "room"]
 
 
 def test_the_holder_gate_counts_a_host_reload_and_falls_back_to_ranks_without_times():
@@ -461,7 +480,7 @@ def test_the_holder_gate_counts_a_host_reload_and_falls_back_to_ranks_without_ti
     on_host = timed(view("h", used=0, queue=1, x=("host", 40)), host_bps=10.0)
     evicts = timed(view("e", used=90, queue=0, a=("device", 90, 5.0)))  # 1.3 s
     views = [on_host, evicts]
-    assert [views[i].replica_id for i in rank_indices(views, need())] == ["h", "e"]
+    assert [views[i].replica_id for i in rank_indices(views, need())] == ["e", "h"]  # sooner first
     slow_disk = [on_host, timed(evicts, disk_bps=20.0)]  # (40 + 90) / 20 = 6.5 s > 5 s
     assert [slow_disk[i].replica_id for i in rank_indices(slow_disk, need())] == ["h"]
     # One side unmeasured (0): the rank rule and evict_for_held decide, as before.
