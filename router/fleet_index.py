@@ -29,8 +29,9 @@ import struct
 from bisect import bisect_left, insort
 from typing import Sequence
 
-from router.placement import (_FIELD_BITS, _FIELD_MASK, _LATER, _MISS, _ON_HOST, _SPILLED, Need, ReplicaView,
-                              _best_wait_s, _fill_memo, _FITS, _gate, _keep, _later, _rank_floor, _Score, _size_score)
+from router.placement import (_BUSY, _FIELD_BITS, _FIELD_MASK, _FITS, _LATER, _MISS, _ON_HOST, _SPILLED, Need,
+                              ReplicaView, _best_wait_s, _fill_memo, _gate, _keep, _later, _rank_floor, _Score,
+                              _size_score)
 
 _MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
 
@@ -328,7 +329,10 @@ class FleetIndex:
         False when one of them has no measured times (the gate does not go by times), or when
         the least wait among them (a bound from above of the best holder's wait) is no more
         than the least measured load time of the size class (a bound from below of every
-        other replica's): the common case of an idle holder is a wait of 0."""
+        other replica's): the common case of an idle holder is a wait of 0. Holders that
+        rank BUSY are not walked by the shortcut and cannot be sooner (placement._later).
+        The class's first few entries that cannot be sooner (holders, BUSY) are passed over;
+        past 8 of them the answer is a safe True (the full path decides)."""
         views = self._views
         wait_s = _INF
         for key in ranked:
@@ -339,9 +343,18 @@ class FleetIndex:
             wait_s = min(wait_s, ((key >> _FIELD_BITS) & _FIELD_MASK) * views[slot].inference_s + s.fixed_s)
         if wait_s == 0.0:
             return False
-        by_fixed = self._synced(need).by_fixed
+        cls = self._synced(need)
+        by_fixed, scores = cls.by_fixed, cls.scores
+        holders = self._holders.get(need.checkpoint, ())
+        limit = _fixed_image(wait_s)
         i = bisect_left(by_fixed, 1 << _FIELD_BITS)  # the first measured one (image >= 1)
-        return i < len(by_fixed) and by_fixed[i] >> _FIELD_BITS < _fixed_image(wait_s)
+        for key in by_fixed[i:i + 8]:
+            if key >> _FIELD_BITS >= limit:
+                return False
+            slot = key & _FIELD_MASK
+            if slot not in holders and scores[slot].rank < _BUSY:
+                return True
+        return i + 8 < len(by_fixed)  # 8 passed over: unknown beyond, so not the shortcut
 
     def _walk(self, order: list[int], skip: set[int] | None, scores: Sequence[_Score | None],
               queue_lens: Sequence[int], spill_queue_len: int, want: int, best_wait_s: float | None | object,
@@ -397,10 +410,12 @@ class FleetIndex:
                 if wait_known:
                     # The gate's queue-free test first (_keep's): under load most fail it, and
                     # a queue length read costs a read of Ray's cache.
-                    fixed_s = scores[slot].fixed_s
-                    if subset and (fixed_s is None) == (subset == _SOONER):
+                    s = scores[slot]
+                    fixed_s = s.fixed_s
+                    # _later's test: measured and not BUSY is sooner, when kept.
+                    if subset and (fixed_s is not None and s.rank < _BUSY) != (subset == _SOONER):
                         continue
-                    if fixed_s is not None and fixed_s >= best_wait_s and scores[slot].rank > _ON_HOST:
+                    if fixed_s is not None and fixed_s >= best_wait_s and s.rank > _ON_HOST:
                         continue
                 q = queue_lens[slot]
                 if not qmin <= q <= _FIELD_MASK:

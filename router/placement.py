@@ -435,12 +435,13 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     multiplexing waits a bounded time for a replica holding the model).
 
     Sooner first: once every holder on its device or host has measured times, the replicas
-    kept by that comparison (expected to start sooner than at the best holder) rank before
-    the holders and the replicas kept by rank (the key's ``later`` bit), each group in the
-    order above. A holder whose queue makes a load elsewhere quicker so stops taking the
-    checkpoint's requests before its queue reaches ``spill_queue_len``. In the simulator
-    (bench/sim, policy a, 256 replicas) this cut p99 latency from 38.6 to 26.2 s (seed 1)
-    and from 173.2 to 155.4 s (seed 2), for 31% and 23% more GPU-seconds spent loading.
+    kept by that comparison (expected to start sooner than at the best holder; not those
+    that rank BUSY, whose wait for entries in use is not in the estimate) rank before the
+    holders and the replicas kept by rank (the key's ``later`` bit), each group in the order
+    above: by rank, then queue, not by expected start. A holder whose queue makes a load
+    elsewhere quicker so stops taking the checkpoint's requests before its queue reaches
+    ``spill_queue_len``; a burst for one checkpoint spreads to as many replicas as can load
+    it sooner than the queue ahead would clear.
 
     Caveat: the estimate is per replica, not per checkpoint (one mean inference time), and
     assumes the queue ahead runs at that mean.
@@ -489,8 +490,12 @@ def _gate(keys: list[int], scores: list[_Score], views: Sequence[ReplicaView], q
 
 def _later(s: _Score, best_wait_s: float | None) -> int:
     """The ``later`` bit of a replica that must load and that the holder gate kept: not set
-    when the gate kept it for starting sooner than the best holder (both sides measured)."""
-    return 0 if best_wait_s is None or s.fixed_s is not None else _LATER
+    when the gate kept it for starting sooner than the best holder (both sides measured).
+    Set for one that ranks BUSY: its fixed_s leaves out the wait for its entries in use
+    (reported with up to a period's delay), so it is not known to be sooner."""
+    if best_wait_s is None:
+        return 0
+    return 0 if s.fixed_s is not None and s.rank < _BUSY else _LATER
 
 
 def _keep(s: _Score, queue_len: int, view: ReplicaView, best_wait_s: float | None, evict_for_held: bool) -> bool:

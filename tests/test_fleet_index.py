@@ -244,3 +244,23 @@ def test_fleet_index_misuse_names_the_parameter():
         fleet.rank(need("x"), [0])
     fleet.set_view(0, view("a"))  # the failed size class is rebuilt, not left half-updated
     assert fleet.rank(need("x"), [0]) == [0]
+
+
+def test_a_busy_holder_is_not_sooner_and_the_shortcut_stays_exact():
+    # Found by a review: B holds x in host memory but must wait for entries in use (BUSY);
+    # its estimate (3.8 s) leaves that wait out, so it ranks after the holder A (waits 4 s),
+    # and FleetIndex's holders-only shortcut (limit 1) agrees with rank_indices.
+    from router.placement import EntryView, Need
+
+    nd = Need("x", {"float16": 20}, {"float16": 0})
+    a = ReplicaView("A", 100, 20, "float16", {"x": EntryView("device", 20)}, 0,
+                    inference_s=1.0, disk_load_bytes_per_s=1.0, host_reload_bytes_per_s=1.0)
+    b = ReplicaView("B", 30, 30, "float16", {"x": EntryView("host", 18), "y": EntryView("device", 18, 0.0, 1),
+                                             "z": EntryView("device", 12, 0.0, 1)},
+                    0, inference_s=1.0, disk_load_bytes_per_s=10.0, host_reload_bytes_per_s=10.0)
+    fleet = FleetIndex()
+    for i, v in enumerate([a, b]):
+        fleet.set_view(i, v)
+    assert rank_indices([a, b], nd, queue_lens=[4, 0], spill_queue_len=8) == [0, 1]
+    assert fleet.rank(nd, [4, 0], spill_queue_len=8, limit=1) == [0]
+    assert fleet.rank(nd, [4, 0], spill_queue_len=8) == [0, 1]
