@@ -29,9 +29,9 @@ import struct
 from bisect import bisect_left, insort
 from typing import Sequence
 
-from router.placement import (_BUSY, _FIELD_BITS, _FIELD_MASK, _FITS, _LATER, _MISS, _ON_HOST, _SPILLED, Need,
-                              ReplicaView, _best_wait_s, _fill_memo, _gate, _keep, _later, _rank_floor, _Score,
-                              _size_score)
+from router.placement import (_BUSY, _FIELD_BITS, _FIELD_MASK, _FITS, _LATER, _MISS, _ON_HOST, _SOONER_LOAD_FACTOR,
+                              _SPILLED, Need, ReplicaView, _best_wait_s, _fill_memo, _gate, _keep, _later, _rank_floor,
+                              _Score, _size_score, _sooner)
 
 _MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
 
@@ -318,7 +318,7 @@ class FleetIndex:
                 raise _bad_queue(q, qmin)
             if _keep(s, q, views[slot], best_wait_s, evict_for_held):
                 keys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0)
-                            | _later(s, best_wait_s))
+                            | _later(s, q, views[slot], best_wait_s))
         return keys
 
     def _sooner_possible(self, need: Need, ranked: list[int], hscores: Sequence[_Score | None]) -> bool:
@@ -329,7 +329,8 @@ class FleetIndex:
         False when one of them has no measured times (the gate does not go by times), or when
         the least wait among them (a bound from above of the best holder's wait) is no more
         than the least measured load time of the size class (a bound from below of every
-        other replica's): the common case of an idle holder is a wait of 0. Holders that
+        other replica's) times _SOONER_LOAD_FACTOR: the common case of an idle holder is a
+        wait of 0. Holders that
         rank BUSY are not walked by the shortcut and cannot be sooner (placement._later).
         The class's first few entries that cannot be sooner (holders, BUSY) are passed over;
         past 8 of them the answer is a safe True (the full path decides)."""
@@ -346,7 +347,7 @@ class FleetIndex:
         cls = self._synced(need)
         by_fixed, scores = cls.by_fixed, cls.scores
         holders = self._holders.get(need.checkpoint, ())
-        limit = _fixed_image(wait_s)
+        limit = _fixed_image(wait_s / _SOONER_LOAD_FACTOR)
         i = bisect_left(by_fixed, 1 << _FIELD_BITS)  # the first measured one (image >= 1)
         for key in by_fixed[i:i + 8]:
             if key >> _FIELD_BITS >= limit:
@@ -365,8 +366,8 @@ class FleetIndex:
         None) once ``want`` of those are certain, else (those, the spilled keys) after the
         whole list or at the first base >= ``stop``. ``best_wait_s`` _NO_GATE: the holder
         gate is off; else ``scores[slot]`` feeds it. ``subset`` (with the gate's wait known):
-        _SOONER walks only the replicas with measured times (those the gate keeps place
-        sooner first), _NOT_SOONER only the others, their keys marked later; 0 walks all."""
+        _SOONER walks only the replicas that placement._sooner places first, _NOT_SOONER
+        only the others, their keys marked later; 0 walks all."""
         views = self._views
         gate = best_wait_s is not _NO_GATE
         wait_known = gate and best_wait_s is not None
@@ -412,8 +413,9 @@ class FleetIndex:
                     # a queue length read costs a read of Ray's cache.
                     s = scores[slot]
                     fixed_s = s.fixed_s
-                    # _later's test: measured and not BUSY is sooner, when kept.
-                    if subset and (fixed_s is not None and s.rank < _BUSY) != (subset == _SOONER):
+                    # placement._sooner's queue-free part: a replica that fails it is not sooner.
+                    if subset == _SOONER and (fixed_s is None or s.rank >= _BUSY
+                                              or _SOONER_LOAD_FACTOR * fixed_s >= best_wait_s):
                         continue
                     if fixed_s is not None and fixed_s >= best_wait_s and s.rank > _ON_HOST:
                         continue
@@ -421,6 +423,8 @@ class FleetIndex:
                 if not qmin <= q <= _FIELD_MASK:
                     raise _bad_queue(q, qmin)
                 if gate and not _keep(scores[slot], q, views[slot], best_wait_s, evict_for_held):
+                    continue
+                if subset and _sooner(scores[slot], q, views[slot], best_wait_s) != (subset == _SOONER):
                     continue
                 if q < spill_queue_len:
                     ranked.append(base | (q << _FIELD_BITS) | slot | later)

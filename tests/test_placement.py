@@ -460,16 +460,19 @@ def test_with_measured_times_a_replica_loads_a_held_checkpoint_only_when_that_be
 def test_sooner_first_only_for_replicas_kept_by_their_times():
     # need(): a 0.4 s load at 100 B/s; 1 s per inference.
     holder = timed(view("holder", used=40, queue=1, x=("device", 40)))  # waits 1 s
-    room = timed(view("room", used=0, queue=0))  # 0.4 s: sooner
-    slow = timed(view("slow", used=0, queue=0), disk_bps=50.0)  # 0.8 s: sooner too
+    room = timed(view("room", used=0, queue=0))  # a 0.4 s load: 2 x 0.4 < 1 s, sooner
+    also = timed(view("also", used=0, queue=0), disk_bps=80.0)  # 0.5 s: 2 x 0.5 is not < 1 s
+    slow = timed(view("slow", used=0, queue=0), disk_bps=50.0)  # 0.8 s: kept by the gate, not sooner
     untimed = view("untimed", used=0, queue=0)  # free room, no times: kept by rank, not sooner
-    views = [untimed, slow, holder, room]
+    views = [untimed, slow, holder, room, also]
     ids = lambda order: [views[i].replica_id for i in order]  # noqa: E731
-    # Sooner ones first, in static order (equal ranks: queue, then view order), then the
-    # holder, then the replica kept by rank.
-    assert ids(rank_indices(views, need())) == ["slow", "room", "holder", "untimed"]
+    # The sooner one first, then the holder, then the others kept (equal ranks: queue, then
+    # view order).
+    assert ids(rank_indices(views, need())) == ["room", "holder", "untimed", "slow", "also"]
+    # A queue at room adds to its start: 1 x 1 s + 0.4 is not < 1 s, so the gate leaves it out.
+    assert ids(rank_indices(views, need(), queue_lens=[0, 0, 1, 1, 0])) == ["holder", "untimed", "slow", "also"]
     # The same places without the holder's wait: an idle holder takes it, nobody is sooner.
-    assert ids(rank_indices(views, need(), queue_lens=[0, 0, 0, 0])) == ["holder", "untimed"]
+    assert ids(rank_indices(views, need(), queue_lens=[0, 0, 0, 0, 0])) == ["holder", "untimed"]
     # A holder without times: no best wait to beat, the order is by rank as before.
     plain = [untimed, slow, view("holder", used=40, queue=1, x=("device", 40)), room]
     assert [plain[i].replica_id for i in rank_indices(plain, need())] == ["holder", "untimed", "slow", "room"]
