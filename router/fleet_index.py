@@ -330,19 +330,14 @@ class FleetIndex:
         the least wait among them (a bound from above of the best holder's wait) is no more
         than the least measured load time of the size class (a bound from below of every
         other replica's) times _SOONER_LOAD_FACTOR: the common case of an idle holder is a
-        wait of 0. Holders that
-        rank BUSY are not walked by the shortcut and cannot be sooner (placement._later).
+        wait of 0. Holders that rank BUSY are not walked by the shortcut and cannot be
+        sooner (placement._later).
         The class's first few entries that cannot be sooner (holders, BUSY) are passed over;
         past 8 of them the answer is a safe True (the full path decides)."""
         views = self._views
-        wait_s = _INF
-        for key in ranked:
-            slot = key & _FIELD_MASK
-            s = hscores[slot]
-            if s.fixed_s is None:
-                return False
-            wait_s = min(wait_s, ((key >> _FIELD_BITS) & _FIELD_MASK) * views[slot].inference_s + s.fixed_s)
-        if wait_s == 0.0:
+        wait_s = _best_wait_s((hscores[key & _FIELD_MASK], (key >> _FIELD_BITS) & _FIELD_MASK,
+                               views[key & _FIELD_MASK]) for key in ranked)
+        if wait_s is None or wait_s == 0.0:
             return False
         cls = self._synced(need)
         by_fixed, scores = cls.by_fixed, cls.scores
@@ -413,9 +408,8 @@ class FleetIndex:
                     # a queue length read costs a read of Ray's cache.
                     s = scores[slot]
                     fixed_s = s.fixed_s
-                    # placement._sooner's queue-free part: a replica that fails it is not sooner.
-                    if subset == _SOONER and (fixed_s is None or s.rank >= _BUSY
-                                              or _SOONER_LOAD_FACTOR * fixed_s >= best_wait_s):
+                    # placement._sooner at queue 0, its queue-free part: one that fails it is not sooner.
+                    if subset == _SOONER and not _sooner(s, 0, views[slot], best_wait_s):
                         continue
                     if fixed_s is not None and fixed_s >= best_wait_s and s.rank > _ON_HOST:
                         continue
@@ -460,7 +454,6 @@ def _bad_queue(q: int, min_queue_len: int) -> ValueError:
 
 _NO_GATE = object()
 _SOONER, _NOT_SOONER = 1, 2  # _walk's subsets
-_INF = float("inf")
 _NO_PREFIX = 1 << 62
 _AFTER_FITS = _rank_floor(_FITS + 1)
 _AFTER_ON_HOST = _rank_floor(_ON_HOST + 1)
