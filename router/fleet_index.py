@@ -11,7 +11,11 @@ device or host are below the spill line, and else walks that sorted list only un
 there, by queue length then slot). Queue lengths are read only where the walk goes.
 
 Upkeep is lazy: :meth:`set_view` appends the slot to a change log, and a size class re-sorts
-only the slots changed since it was last asked for, on its next decision.
+only the slots changed since it was last asked for, on its next decision, less those whose
+change no size score reads (placement._same_size_scores: an in-use count that moved, a host
+entry). Under a timed holder gate the replicas that would start the request sooner than the
+best holder are found by their load times (a stretch of the class's second list, by
+``fixed_s``), not by a walk.
 
 Caveats:
 - A decision still costs O(replicas) when few replicas qualify: when most are spilled
@@ -31,7 +35,7 @@ from typing import Sequence
 
 from router.placement import (_BUSY, _FIELD_BITS, _FIELD_MASK, _FITS, _LATER, _MISS, _ON_HOST, _SOONER_LOAD_FACTOR,
                               _SPILLED, Need, ReplicaView, _best_wait_s, _fill_memo, _gate, _keep, _later, _rank_floor,
-                              _Score, _size_score, _sooner)
+                              _same_size_scores, _Score, _size_score, _sooner)
 
 _MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
 
@@ -82,7 +86,7 @@ class FleetIndex:
         self._holders: dict[str, set[int]] = {}  # checkpoint -> slots whose view has an entry for it
         self._classes: dict[str, _Class] = {}  # Need.size_key -> size class
         self._holder_classes: dict[str, _Class] = {}  # Need.memo_key -> holder class
-        self._log: list[int] = []  # slots changed, oldest first
+        self._log: list[int] = []  # slots changed, oldest first (~slot: no size score changed)
         self._log_start = 0  # absolute position of _log[0]
         self._turn = 0  # rotates where a walk of a large tie group starts
 
@@ -118,7 +122,9 @@ class FleetIndex:
                 held.add(slot)
         views[slot] = view
         log = self._log
-        log.append(slot)
+        # ~slot (negative): the change leaves every size score as it was, so size classes
+        # pass it over; holder classes (scores per checkpoint) read every entry.
+        log.append(~slot if old is not None and view is not None and _same_size_scores(old, view) else slot)
         if len(log) > 8 * len(views) + 64:
             # Bounded memory: the older half goes, and only classes not synced since it was
             # written rebuild in full on their next use. (Cutting the whole log made every
@@ -163,7 +169,11 @@ class FleetIndex:
             cls.by_fixed.clear()
             cls.fixed_keys.clear()
         else:
-            slots = dict.fromkeys(self._log[cls.log_pos - self._log_start:])
+            changed = self._log[cls.log_pos - self._log_start:]
+            if members is None:
+                slots = dict.fromkeys(slot for slot in changed if slot >= 0)
+            else:
+                slots = dict.fromkeys(slot if slot >= 0 else ~slot for slot in changed)
         self._resync(cls, slots, need)
         cls.log_pos = end
 
@@ -284,14 +294,19 @@ class FleetIndex:
                                             evict_for_held, min_queue_len), None
         elif gate and best_wait_s is not None:
             # Sooner first (rank_indices): the replicas that pass the gate by their times
-            # place before all others, so they are walked first, and the rest only when
-            # fewer than want of them are below the spill line.
-            ranked, spilled = self._walk(cls.order, holders, cls.scores, queue_lens, spill_queue_len, want,
-                                         best_wait_s, evict_for_held, min_queue_len, stop, _SOONER)
-            if spilled is not None:
-                more, more_spilled = self._walk(cls.order, holders, cls.scores, queue_lens, spill_queue_len,
+            # place before all others (the holders too), so they are found first, and the
+            # rest walked only when fewer than want of them are below the spill line.
+            ranked, spilled = self._sooner_keys(cls, holders, queue_lens, spill_queue_len, best_wait_s,
+                                                min_queue_len)
+            if len(ranked) >= want:
+                spilled = None
+            else:
+                skip = holders
+                if ranked or spilled:
+                    skip = set(holders or ()).union(key & _FIELD_MASK for key in ranked + spilled)
+                more, more_spilled = self._walk(cls.order, skip, cls.scores, queue_lens, spill_queue_len,
                                                 want - len(ranked), best_wait_s, evict_for_held, min_queue_len,
-                                                stop, _NOT_SOONER)
+                                                stop, _LATER)
                 ranked.extend(more)
                 spilled = None if more_spilled is None else spilled + more_spilled
         else:
@@ -320,6 +335,31 @@ class FleetIndex:
                 keys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0)
                             | _later(s, q, views[slot], best_wait_s))
         return keys
+
+    def _sooner_keys(self, cls: _Class, holders: set[int] | None, queue_lens: Sequence[int], spill_queue_len: int,
+                     best_wait_s: float, qmin: int) -> tuple[list[int], list[int]]:
+        """Sort keys (unsorted) of the non-holders that placement._sooner places first:
+        (below the spill line, spilled). Each has a measured load time (fixed_s) below
+        best_wait_s / _SOONER_LOAD_FACTOR, so they are a stretch of ``cls.by_fixed``: its
+        queue lengths are read, and nothing past it is visited."""
+        views, scores, by_fixed = self._views, cls.scores, cls.by_fixed
+        first = bisect_left(by_fixed, 1 << _FIELD_BITS)  # the first measured one (image >= 1)
+        end = bisect_left(by_fixed, _fixed_image(best_wait_s / _SOONER_LOAD_FACTOR) << _FIELD_BITS, first)
+        ranked: list[int] = []
+        spilled: list[int] = []
+        for key in by_fixed[first:end]:
+            slot = key & _FIELD_MASK
+            if holders and slot in holders:
+                continue
+            s, q = scores[slot], queue_lens[slot]
+            if not qmin <= q <= _FIELD_MASK:
+                raise _bad_queue(q, qmin)
+            if _sooner(s, q, views[slot], best_wait_s):  # also kept by the gate (_keep)
+                if q < spill_queue_len:
+                    ranked.append(s.base | (q << _FIELD_BITS) | slot)
+                else:
+                    spilled.append(s.base | (q << _FIELD_BITS) | slot | _SPILLED)
+        return ranked, spilled
 
     def _sooner_possible(self, need: Need, ranked: list[int], hscores: Sequence[_Score | None]) -> bool:
         """Whether a replica that must load could pass the holder gate by its times, given
@@ -355,18 +395,16 @@ class FleetIndex:
     def _walk(self, order: list[int], skip: set[int] | None, scores: Sequence[_Score | None],
               queue_lens: Sequence[int], spill_queue_len: int, want: int, best_wait_s: float | None | object,
               evict_for_held: bool, qmin: int, stop: int,
-              subset: int = 0) -> tuple[list[int], list[int] | None]:
+              later: int = 0) -> tuple[list[int], list[int] | None]:
         """Sort keys (unsorted) of the replicas in ``order`` (ascending static base | slot,
         less ``skip``) that can be in the first ``want`` places: (keys below the spill line,
         None) once ``want`` of those are certain, else (those, the spilled keys) after the
         whole list or at the first base >= ``stop``. ``best_wait_s`` _NO_GATE: the holder
-        gate is off; else ``scores[slot]`` feeds it. ``subset`` (with the gate's wait known):
-        _SOONER walks only the replicas that placement._sooner places first, _NOT_SOONER
-        only the others, their keys marked later; 0 walks all."""
+        gate is off; else ``scores[slot]`` feeds it. ``later`` (0 or _LATER) is set in
+        every key: the walk after _sooner_keys (whose replicas it skips) marks the rest."""
         views = self._views
         gate = best_wait_s is not _NO_GATE
         wait_known = gate and best_wait_s is not None
-        later = _LATER if subset == _NOT_SOONER else 0
         # A tie group (equal base) at a time. Members of a group order by queue length, then
         # slot: a group is walked until ``want`` places are certain, which is when the places
         # before it plus its members at the smallest queue length (qmin: none can beat them)
@@ -408,17 +446,12 @@ class FleetIndex:
                     # a queue length read costs a read of Ray's cache.
                     s = scores[slot]
                     fixed_s = s.fixed_s
-                    # placement._sooner at queue 0, its queue-free part: one that fails it is not sooner.
-                    if subset == _SOONER and not _sooner(s, 0, views[slot], best_wait_s):
-                        continue
                     if fixed_s is not None and fixed_s >= best_wait_s and s.rank > _ON_HOST:
                         continue
                 q = queue_lens[slot]
                 if not qmin <= q <= _FIELD_MASK:
                     raise _bad_queue(q, qmin)
                 if gate and not _keep(scores[slot], q, views[slot], best_wait_s, evict_for_held):
-                    continue
-                if subset and _sooner(scores[slot], q, views[slot], best_wait_s) != (subset == _SOONER):
                     continue
                 if q < spill_queue_len:
                     ranked.append(base | (q << _FIELD_BITS) | slot | later)
@@ -453,7 +486,6 @@ def _bad_queue(q: int, min_queue_len: int) -> ValueError:
 
 
 _NO_GATE = object()
-_SOONER, _NOT_SOONER = 1, 2  # _walk's subsets
 _NO_PREFIX = 1 << 62
 _AFTER_FITS = _rank_floor(_FITS + 1)
 _AFTER_ON_HOST = _rank_floor(_ON_HOST + 1)

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from router.fleet_index import FleetIndex
-from router.placement import ReplicaView, rank_indices
+from router.placement import Rank, ReplicaView, rank_indices
 from tests.test_placement import need, random_views, view
 
 
@@ -53,19 +53,22 @@ def test_fleet_index_ranks_as_rank_indices_cut_to_the_limit_as_views_change(seed
 
 @pytest.mark.parametrize("seed", range(3))
 def test_fleet_index_ranks_sooner_first_as_rank_indices_in_large_fleets(seed, monkeypatch):
-    # Enough replicas that the gate's candidates outnumber 2 x limit + 32, so that the walks
-    # run (split into replicas kept by their times and the rest), and loaded holders, so
+    # Enough replicas that the gate's candidates outnumber 2 x limit + 32, so that the walk
+    # runs (after the replicas sooner by their times are found), and loaded holders, so
     # that the holders' shortcut must check whether a load elsewhere could be sooner.
     import router.fleet_index as fi
 
-    calls = {"sooner_walk": 0, "rest_walk": 0, "shortcut_refused": 0}
-    walk, possible = FleetIndex._walk, FleetIndex._sooner_possible
+    calls = {"sooner_found": 0, "rest_walk": 0, "shortcut_refused": 0}
+    walk, possible, sooner = FleetIndex._walk, FleetIndex._sooner_possible, FleetIndex._sooner_keys
 
     def counting_walk(self, *args):
-        subset = args[-1] if len(args) == 11 else 0
-        calls["sooner_walk"] += subset == fi._SOONER
-        calls["rest_walk"] += subset == fi._NOT_SOONER
+        calls["rest_walk"] += len(args) == 11 and args[-1] == fi._LATER
         return walk(self, *args)
+
+    def counting_sooner(self, *args):
+        out = sooner(self, *args)
+        calls["sooner_found"] += bool(out[0] or out[1])
+        return out
 
     def counting_possible(self, *args):
         out = possible(self, *args)
@@ -74,6 +77,7 @@ def test_fleet_index_ranks_sooner_first_as_rank_indices_in_large_fleets(seed, mo
 
     monkeypatch.setattr(FleetIndex, "_walk", counting_walk)
     monkeypatch.setattr(FleetIndex, "_sooner_possible", counting_possible)
+    monkeypatch.setattr(FleetIndex, "_sooner_keys", counting_sooner)
     rng = random.Random(300 + seed)
 
     def fresh() -> ReplicaView:
@@ -104,7 +108,7 @@ def test_fleet_index_ranks_sooner_first_as_rank_indices_in_large_fleets(seed, mo
         expected = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues, evict_for_held=held)
         got = fleet.rank(nd, queues, spill_queue_len=spill, evict_for_held=held, limit=limit)
         assert got == expected[:limit], (step, limit)
-    assert calls["sooner_walk"] > 10 and calls["rest_walk"] > 0 and calls["shortcut_refused"] > 0, calls
+    assert calls["sooner_found"] > 10 and calls["rest_walk"] > 0 and calls["shortcut_refused"] > 0, calls
 
 
 def test_fleet_index_ties_go_by_queue_then_slot_and_spilled_last():
@@ -264,3 +268,30 @@ def test_a_busy_holder_is_not_sooner_and_the_shortcut_stays_exact():
     assert rank_indices([a, b], nd, queue_lens=[4, 0], spill_queue_len=8) == [0, 1]
     assert fleet.rank(nd, [4, 0], spill_queue_len=8, limit=1) == [0]
     assert fleet.rank(nd, [4, 0], spill_queue_len=8) == [0, 1]
+
+
+def test_a_change_no_size_score_reads_is_not_rescored_by_the_size_classes(monkeypatch):
+    """An in-use count that moves while the entry stays in use (a second request for a
+    checkpoint in use) leaves every size score as it was: the size classes pass the change
+    over, and the order stays rank_indices's. Its busy state moving is re-scored."""
+    import router.fleet_index as fleet_index
+
+    views = [view("a", used=90, budget=100, x=("device", 50, 1.0, 1), y=("device", 40, 3.0)),
+             view("b", used=60, budget=100, z=("device", 60, 2.0))]
+    fleet = _filled(views)
+    nd = need("w", 30, 5)  # held by neither: the size class ranks both (a evicts y, b fits)
+    assert fleet.rank(nd, [0, 0]) == rank_indices(views, nd, queue_lens=[0, 0]) == [1, 0]
+    scored = []
+    real = fleet_index._size_score
+    monkeypatch.setattr(fleet_index, "_size_score", lambda v, *a: scored.append(v.replica_id) or real(v, *a))
+
+    views[0] = view("a", used=90, budget=100, x=("device", 50, 1.0, 2), y=("device", 40, 3.0))
+    fleet.set_view(0, views[0])
+    assert fleet.rank(nd, [0, 0]) == rank_indices(views, nd, queue_lens=[0, 0]) == [1, 0]
+    assert scored == []
+
+    views[0] = view("a", used=90, budget=100, x=("device", 50, 1.0, 2), y=("device", 40, 3.0, 1))
+    fleet.set_view(0, views[0])  # y in use now: a must wait for it (BUSY)
+    assert fleet.rank(nd, [0, 0]) == rank_indices(views, nd, queue_lens=[0, 0]) == [1, 0]
+    assert scored == ["a"]
+    assert fleet._synced(nd).scores[0].rank == Rank.BUSY

@@ -710,3 +710,65 @@ def test_concurrent_calls_sharing_a_request_id_keep_one_ledger_record_each():
     asyncio.run(scenario())
     gc.collect()
     assert router._calls == {}  # finished calls are not kept alive by their keys
+
+
+def _mutated(rng, v: ReplicaView) -> ReplicaView:
+    """``v`` after one change of the kinds reports and placements make, some of which no
+    size score reads (an in-use count, a host entry, a new inference time)."""
+    import dataclasses
+
+    entries = dict(v.entries)
+    kind = rng.randrange(7)
+    if kind == 0 and entries:  # an in-use count moves (its busy state may or may not)
+        name = rng.choice(sorted(entries))
+        e = entries[name]
+        entries[name] = dataclasses.replace(e, in_use=max(0, e.in_use + rng.choice([-1, 1, 2])))
+    elif kind == 1:  # a host entry comes
+        entries[f"h{rng.randrange(99)}"] = EntryView("host", rng.randrange(5, 60))
+    elif kind == 2 and entries:  # an entry's idle time moves
+        name = rng.choice(sorted(entries))
+        entries[name] = dataclasses.replace(entries[name], idle_s=entries[name].idle_s + rng.choice([0.0, 1.5]))
+    elif kind == 3:
+        return dataclasses.replace(v, inference_s=rng.choice([0.0, 0.5, 0.7]))
+    elif kind == 4:
+        return dataclasses.replace(v, reported_at_s=v.reported_at_s + rng.choice([0.0, 2.0]))
+    elif kind == 5:
+        return dataclasses.replace(v, disk_load_bytes_per_s=rng.choice([10.0, 20.0]))
+    used = sum(e.bytes for e in entries.values() if e.tier == "device")
+    return v.with_entries(entries, used)
+
+
+def test_same_size_scores_holds_only_where_every_size_score_is_equal():
+    """_same_size_scores (FleetIndex passes such changes over in its size classes) against
+    the scores themselves, for every need size a view could be asked about."""
+    import dataclasses
+    import random
+
+    from router.placement import _same_size_scores, _size_score
+
+    rng = random.Random(23)
+    same = moved = 0
+    for _ in range(3000):
+        a = random_views(rng, 1)[0]
+        a = dataclasses.replace(a, inference_s=rng.choice([0.0, 0.5]), disk_load_bytes_per_s=20.0,
+                                reported_at_s=10.0)
+        b = _mutated(rng, a)
+        scores_equal = all(_size_score(a, w, w + ws) == _size_score(b, w, w + ws)
+                           for w in range(5, 120, 7) for ws in (0, 9))
+        if _same_size_scores(a, b):
+            assert scores_equal, (a, b)
+            assert (a.inference_s > 0) == (b.inference_s > 0)  # the walk reads it from b
+            same += 1
+        else:
+            moved += not scores_equal
+    # Not a rule that always says no, nor one that always says yes.
+    assert same > 800 and moved > 300, (same, moved)
+
+
+def test_sooner_load_factor_is_a_power_of_two():
+    # FleetIndex bisects at wait / factor for factor x fixed_s < wait: exact only so.
+    import math
+
+    from router.placement import _SOONER_LOAD_FACTOR
+
+    assert math.frexp(_SOONER_LOAD_FACTOR)[0] == 0.5
