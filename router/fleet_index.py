@@ -8,7 +8,8 @@ the part of the sort key that does not move with queues. A decision then scores 
 holders of the checkpoint (an index by name), stops there when ``limit`` of them on their
 device or host are below the spill line, and else walks that sorted list only until it has
 ``limit`` places: what :func:`rank_indices` gives, cut to its first ``limit`` (ties, as
-there, by queue length then slot). Queue lengths are read only where the walk goes.
+there, by queue length then slot). Queue lengths are read only where the walk goes, and at
+the replicas whose load time could make them sooner than the best holder (below).
 
 Upkeep is lazy: :meth:`set_view` appends the slot to a change log, and a size class re-sorts
 only the slots changed since it was last asked for, on its next decision, less those whose
@@ -78,7 +79,9 @@ class FleetIndex:
         """``tie_window``: members of one group of equal replicas ranked by queue length per
         decision (see :meth:`rank`); a group this size or smaller is ranked exactly. 256:
         exact for fleets of up to 256 replicas (bench/sim: a rotating window of 64 there
-        changed outcomes and was slower); bounded reads of Ray's queue cache beyond."""
+        changed outcomes and was slower); bounded reads of Ray's queue cache beyond, but
+        for the replicas sooner than the best holder, found by their load times (see
+        :meth:`_sooner_keys`)."""
         if tie_window < 1:
             raise ValueError(f"tie_window must be >= 1, got {tie_window}")
         self._tie_window = tie_window
@@ -236,7 +239,9 @@ class FleetIndex:
         for the need), the order by queue length is exact only within a window of that many
         of them, which starts at a different member each time such a group is walked; the
         window grows only when too few of it qualify. Ranking all of them exactly would
-        read every queue length, each a read of Ray's cache: the cost this index avoids."""
+        read every queue length, each a read of Ray's cache: the cost this index avoids.
+        Replicas placed first because they are sooner than the best holder are the
+        exception to the exception: all are found and ranked exactly."""
         views = self._views
         if spill_queue_len < 1:
             raise ValueError(f"spill_queue_len must be >= 1, got {spill_queue_len}")
@@ -344,7 +349,9 @@ class FleetIndex:
         queue lengths are read, and nothing past it is visited."""
         views, scores, by_fixed = self._views, cls.scores, cls.by_fixed
         first = bisect_left(by_fixed, 1 << _FIELD_BITS)  # the first measured one (image >= 1)
-        end = bisect_left(by_fixed, _fixed_image(best_wait_s / _SOONER_LOAD_FACTOR) << _FIELD_BITS, first)
+        # Inclusive of wait / factor: rounding keeps fixed_s <= fl(wait / factor) for each
+        # sooner one even where the division rounds (subnormal waits); _sooner decides.
+        end = bisect_left(by_fixed, (_fixed_image(best_wait_s / _SOONER_LOAD_FACTOR) + 1) << _FIELD_BITS, first)
         ranked: list[int] = []
         spilled: list[int] = []
         for key in by_fixed[first:end]:
@@ -382,10 +389,10 @@ class FleetIndex:
         cls = self._synced(need)
         by_fixed, scores = cls.by_fixed, cls.scores
         holders = self._holders.get(need.checkpoint, ())
-        limit = _fixed_image(wait_s / _SOONER_LOAD_FACTOR)
+        limit = _fixed_image(wait_s / _SOONER_LOAD_FACTOR)  # inclusive, as in _sooner_keys
         i = bisect_left(by_fixed, 1 << _FIELD_BITS)  # the first measured one (image >= 1)
         for key in by_fixed[i:i + 8]:
-            if key >> _FIELD_BITS >= limit:
+            if key >> _FIELD_BITS > limit:
                 return False
             slot = key & _FIELD_MASK
             if slot not in holders and scores[slot].rank < _BUSY:

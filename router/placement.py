@@ -518,8 +518,9 @@ def _gate(keys: list[int], scores: list[_Score], views: Sequence[ReplicaView], q
 # to 8, against the spill rule alone: with 1 (start sooner at all) p50 fell 11 to 32% and
 # p99 rose in 5 of 8 seeds (up to 38%) for 18 to 31% more GPU-s loading; with 2, p50 fell
 # 13 to 23%, p99 moved from -22% to +25% (4 better, 4 worse), loading rose 6 to 14%.
-# A power of two, so that wait / factor is exact: FleetIndex finds the replicas with
-# factor x fixed_s < wait as those with fixed_s < wait / factor (a bisection).
+# A power of two, so that factor x fixed_s is exact: FleetIndex finds every replica with
+# factor x fixed_s < wait among those with fixed_s <= fl(wait / factor) (a bisection;
+# rounding is monotone, so this holds where the division rounds too), then tests each.
 _SOONER_LOAD_FACTOR = 2.0
 
 

@@ -295,3 +295,21 @@ def test_a_change_no_size_score_reads_is_not_rescored_by_the_size_classes(monkey
     assert fleet.rank(nd, [0, 0]) == rank_indices(views, nd, queue_lens=[0, 0]) == [1, 0]
     assert scored == ["a"]
     assert fleet._synced(nd).scores[0].rank == Rank.BUSY
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_sooner_replicas_are_found_where_halving_the_wait_rounds(limit):
+    """A best holder wait so small (subnormal) that wait / 2 rounds down: a replica with a
+    load time of 0.0 is still sooner (0 + 2 x 0.0 < wait), in the shortcut's check
+    (limit 1) and in the stretch of by_fixed (limit 2). Found by a review's fuzzer."""
+    from router.placement import EntryView, Need
+
+    holder = ReplicaView("h", 100, 40, "float16", {"x": EntryView("device", 40)}, inference_s=5e-324,
+                         disk_load_bytes_per_s=1.0, host_reload_bytes_per_s=1.0)
+    views = [holder] + [ReplicaView(f"r{i}", 100, 0, "float16", {}, inference_s=1.0, disk_load_bytes_per_s=10.0)
+                        for i in range(40)]
+    nd = Need("x", {"float16": 0}, {"float16": 10})  # weights 0: each load time is 0.0
+    queues = [1] + [0] * 40
+    expected = rank_indices(views, nd, spill_queue_len=2, queue_lens=queues)[:limit]
+    assert expected == [1, 2][:limit]
+    assert _filled(views).rank(nd, queues, spill_queue_len=2, limit=limit) == expected
