@@ -81,7 +81,7 @@ class FleetIndex:
         exact for fleets of up to 256 replicas (bench/sim: a rotating window of 64 there
         changed outcomes and was slower); bounded reads of Ray's queue cache beyond, but
         for the replicas sooner than the best holder, found by their load times (see
-        :meth:`_sooner_keys`)."""
+        :meth:`_sooner_bounds`)."""
         if tie_window < 1:
             raise ValueError(f"tie_window must be >= 1, got {tie_window}")
         self._tie_window = tie_window
@@ -295,20 +295,25 @@ class FleetIndex:
             if gate and best_wait_s is not None else _NO_PREFIX
         if prefix <= 2 * want + 32:
             # Few can pass the gate: all of them, in any order, rather than a walk past the rest.
-            ranked, spilled = self._passing(cls, prefix, holders, queue_lens, spill_queue_len, best_wait_s,
-                                            evict_for_held, min_queue_len), None
+            ranked, spilled = self._stretch(cls, 0, prefix, holders, queue_lens, spill_queue_len, best_wait_s,
+                                            evict_for_held, min_queue_len, False), None
         elif gate and best_wait_s is not None:
             # Sooner first (rank_indices): the replicas that pass the gate by their times
             # place before all others (the holders too), so they are found first, and the
             # rest walked only when fewer than want of them are below the spill line.
-            ranked, spilled = self._sooner_keys(cls, holders, queue_lens, spill_queue_len, best_wait_s,
-                                                min_queue_len)
+            # They are found by their load times (a stretch of by_fixed), not by a walk: all
+            # of them are read, and nothing past them.
+            first, end = self._sooner_bounds(cls.by_fixed, best_wait_s)
+            sooner = self._stretch(cls, first, end, holders, queue_lens, spill_queue_len, best_wait_s,
+                                   evict_for_held, min_queue_len, True)
+            ranked = [key for key in sooner if not key & _SPILLED]
             if len(ranked) >= want:
                 spilled = None
             else:
+                spilled = [key for key in sooner if key & _SPILLED]
                 skip = holders
-                if ranked or spilled:
-                    skip = set(holders or ()).union(key & _FIELD_MASK for key in ranked + spilled)
+                if sooner:
+                    skip = set(holders or ()).union(key & _FIELD_MASK for key in sooner)
                 more, more_spilled = self._walk(cls.order, skip, cls.scores, queue_lens, spill_queue_len,
                                                 want - len(ranked), best_wait_s, evict_for_held, min_queue_len,
                                                 stop, _LATER)
@@ -323,50 +328,41 @@ class FleetIndex:
         ranked.sort()
         return [k & _FIELD_MASK for k in ranked[:want]]
 
-    def _passing(self, cls: _Class, prefix: int, holders: set[int] | None, queue_lens: Sequence[int],
-                 spill_queue_len: int, best_wait_s: float, evict_for_held: bool, qmin: int) -> list[int]:
-        """Sort keys (unsorted, spilled ones marked) of the non-holders among the first
-        ``prefix`` of ``cls.by_fixed`` that pass the holder gate."""
+    def _stretch(self, cls: _Class, start: int, end: int, holders: set[int] | None, queue_lens: Sequence[int],
+                 spill_queue_len: int, best_wait_s: float, evict_for_held: bool, qmin: int,
+                 sooner_only: bool) -> list[int]:
+        """Sort keys (unsorted, spilled ones marked) of the non-holders in
+        ``cls.by_fixed[start:end]`` that pass the holder gate, ``later`` marked; with
+        ``sooner_only``, of those that placement._sooner places first (kept by the gate too)."""
         views, scores = self._views, cls.scores
         keys = []
-        for key in cls.by_fixed[:prefix]:
+        for key in cls.by_fixed[start:end]:
             slot = key & _FIELD_MASK
             if holders and slot in holders:
                 continue
-            s, q = scores[slot], queue_lens[slot]
+            s, q, v = scores[slot], queue_lens[slot], views[slot]
             if not qmin <= q <= _FIELD_MASK:
                 raise _bad_queue(q, qmin)
-            if _keep(s, q, views[slot], best_wait_s, evict_for_held):
-                keys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0)
-                            | _later(s, q, views[slot], best_wait_s))
+            if sooner_only:
+                if not _sooner(s, q, v, best_wait_s):
+                    continue
+                later = 0
+            elif _keep(s, q, v, best_wait_s, evict_for_held):
+                later = _later(s, q, v, best_wait_s)
+            else:
+                continue
+            keys.append(s.base | (q << _FIELD_BITS) | slot | (_SPILLED if q >= spill_queue_len else 0) | later)
         return keys
 
-    def _sooner_keys(self, cls: _Class, holders: set[int] | None, queue_lens: Sequence[int], spill_queue_len: int,
-                     best_wait_s: float, qmin: int) -> tuple[list[int], list[int]]:
-        """Sort keys (unsorted) of the non-holders that placement._sooner places first:
-        (below the spill line, spilled). Each has a measured load time (fixed_s) below
-        best_wait_s / _SOONER_LOAD_FACTOR, so they are a stretch of ``cls.by_fixed``: its
-        queue lengths are read, and nothing past it is visited."""
-        views, scores, by_fixed = self._views, cls.scores, cls.by_fixed
+    @staticmethod
+    def _sooner_bounds(by_fixed: list[int], best_wait_s: float) -> tuple[int, int]:
+        """The stretch of ``by_fixed`` that holds every replica placement._sooner can place
+        first: measured, with a load time (fixed_s) below best_wait_s / _SOONER_LOAD_FACTOR.
+        Inclusive of fl(wait / factor): rounding is monotone, so each sooner one is at or
+        below it even where the division rounds (subnormal waits); _sooner decides."""
         first = bisect_left(by_fixed, 1 << _FIELD_BITS)  # the first measured one (image >= 1)
-        # Inclusive of wait / factor: rounding keeps fixed_s <= fl(wait / factor) for each
-        # sooner one even where the division rounds (subnormal waits); _sooner decides.
         end = bisect_left(by_fixed, (_fixed_image(best_wait_s / _SOONER_LOAD_FACTOR) + 1) << _FIELD_BITS, first)
-        ranked: list[int] = []
-        spilled: list[int] = []
-        for key in by_fixed[first:end]:
-            slot = key & _FIELD_MASK
-            if holders and slot in holders:
-                continue
-            s, q = scores[slot], queue_lens[slot]
-            if not qmin <= q <= _FIELD_MASK:
-                raise _bad_queue(q, qmin)
-            if _sooner(s, q, views[slot], best_wait_s):  # also kept by the gate (_keep)
-                if q < spill_queue_len:
-                    ranked.append(s.base | (q << _FIELD_BITS) | slot)
-                else:
-                    spilled.append(s.base | (q << _FIELD_BITS) | slot | _SPILLED)
-        return ranked, spilled
+        return first, end
 
     def _sooner_possible(self, need: Need, ranked: list[int], hscores: Sequence[_Score | None]) -> bool:
         """Whether a replica that must load could pass the holder gate by its times, given
@@ -389,15 +385,12 @@ class FleetIndex:
         cls = self._synced(need)
         by_fixed, scores = cls.by_fixed, cls.scores
         holders = self._holders.get(need.checkpoint, ())
-        limit = _fixed_image(wait_s / _SOONER_LOAD_FACTOR)  # inclusive, as in _sooner_keys
-        i = bisect_left(by_fixed, 1 << _FIELD_BITS)  # the first measured one (image >= 1)
-        for key in by_fixed[i:i + 8]:
-            if key >> _FIELD_BITS > limit:
-                return False
+        i, end = self._sooner_bounds(by_fixed, wait_s)
+        for key in by_fixed[i:min(end, i + 8)]:
             slot = key & _FIELD_MASK
             if slot not in holders and scores[slot].rank < _BUSY:
                 return True
-        return i + 8 < len(by_fixed)  # 8 passed over: unknown beyond, so not the shortcut
+        return end > i + 8  # 8 passed over: unknown beyond, so not the shortcut
 
     def _walk(self, order: list[int], skip: set[int] | None, scores: Sequence[_Score | None],
               queue_lens: Sequence[int], spill_queue_len: int, want: int, best_wait_s: float | None | object,
@@ -408,7 +401,7 @@ class FleetIndex:
         None) once ``want`` of those are certain, else (those, the spilled keys) after the
         whole list or at the first base >= ``stop``. ``best_wait_s`` _NO_GATE: the holder
         gate is off; else ``scores[slot]`` feeds it. ``later`` (0 or _LATER) is set in
-        every key: the walk after _sooner_keys (whose replicas it skips) marks the rest."""
+        every key: the walk after the sooner stretch (whose replicas it skips) marks the rest."""
         views = self._views
         gate = best_wait_s is not _NO_GATE
         wait_known = gate and best_wait_s is not None

@@ -59,15 +59,15 @@ def test_fleet_index_ranks_sooner_first_as_rank_indices_in_large_fleets(seed, mo
     import router.fleet_index as fi
 
     calls = {"sooner_found": 0, "rest_walk": 0, "shortcut_refused": 0}
-    walk, possible, sooner = FleetIndex._walk, FleetIndex._sooner_possible, FleetIndex._sooner_keys
+    walk, possible, stretch = FleetIndex._walk, FleetIndex._sooner_possible, FleetIndex._stretch
 
     def counting_walk(self, *args):
         calls["rest_walk"] += len(args) == 11 and args[-1] == fi._LATER
         return walk(self, *args)
 
-    def counting_sooner(self, *args):
-        out = sooner(self, *args)
-        calls["sooner_found"] += bool(out[0] or out[1])
+    def counting_stretch(self, *args):
+        out = stretch(self, *args)
+        calls["sooner_found"] += bool(args[-1] and out)  # sooner_only
         return out
 
     def counting_possible(self, *args):
@@ -77,7 +77,7 @@ def test_fleet_index_ranks_sooner_first_as_rank_indices_in_large_fleets(seed, mo
 
     monkeypatch.setattr(FleetIndex, "_walk", counting_walk)
     monkeypatch.setattr(FleetIndex, "_sooner_possible", counting_possible)
-    monkeypatch.setattr(FleetIndex, "_sooner_keys", counting_sooner)
+    monkeypatch.setattr(FleetIndex, "_stretch", counting_stretch)
     rng = random.Random(300 + seed)
 
     def fresh() -> ReplicaView:
