@@ -14,18 +14,31 @@ simulation's own orders (it must: the index is deterministic).
 
 Caveat: a replay's figure is placement alone, with warm caches; the simulator's figure
 (bench/results/sim.md) is the one the issue's target names. Both are reported.
+
+``--against REV`` compares the index of another git revision on the same calls, back to
+back: ``--pairs`` pairs of replays, each in a fresh process (REV's ``router/`` package from
+``git archive``, then this checkout's), timed in CPU time of the replaying thread, which a
+shared machine's other processes move less than wall time. Written to
+``sim_replay_ab.{json,md}``. The calls are recorded with this checkout's code; where REV
+decides otherwise, its replay says so (orders not equal) and times different work.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
+import os
+import pickle
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.machine import machine_info, machine_md
 from bench.sim.engine import Simulation
@@ -84,11 +97,10 @@ def _fresh(calls: list[tuple]) -> list[tuple]:
     return out
 
 
-def replay(calls: list[tuple]) -> dict[str, Any]:
-    """One replay into a new FleetIndex: times in ns and whether every order matched."""
+def replay(calls: list[tuple], clock: Callable[[], int] = time.perf_counter_ns) -> dict[str, Any]:
+    """One replay into a new FleetIndex: times in ns (``clock``'s) and whether every order matched."""
     calls = _fresh(calls)
     index = FleetIndex()
-    clock = time.perf_counter_ns
     rank_ns = set_ns = decisions = 0
     equal = True
     gc.collect()
@@ -136,6 +148,103 @@ def run(argv: list[str], reps: int) -> dict[str, Any]:
     }
 
 
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _router_at(rev: str, dest: Path) -> None:
+    """Revision ``rev``'s ``router/`` package under ``dest``, from git archive."""
+    try:
+        proc = subprocess.run(["git", "-C", str(_REPO), "archive", "--format=tar", rev, "router"],
+                              capture_output=True, check=False)
+    except FileNotFoundError:
+        raise ValueError("--against needs git on PATH") from None
+    if proc.returncode != 0:
+        raise ValueError(f"--against {rev!r}: git archive failed: {proc.stderr.decode(errors='replace').strip()}")
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+
+
+def _replay_in_child(calls_path: Path, router_dir: Path | None) -> dict[str, Any]:
+    """One replay in a fresh interpreter, with the ``router`` package of ``router_dir``
+    (its cwd: first on sys.path) or of this checkout (None)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, "-m", "bench.sim_replay", "--child", str(calls_path)],
+                          cwd=str(router_dir or _REPO), env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"replay child failed (router from {router_dir or _REPO}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(calls_path: str) -> None:
+    with open(calls_path, "rb") as f:
+        calls = pickle.load(f)
+    out = replay(calls, clock=time.thread_time_ns)
+    here = Path(sys.modules[FleetIndex.__module__].__file__).resolve().parent.parent
+    out["router"] = "this checkout" if here == _REPO else "git archive of the revision"
+    print(json.dumps(out))
+
+
+def run_ab(argv: list[str], against: str, pairs: int) -> dict[str, Any]:
+    """``pairs`` pairs of replays of one recorded run: revision ``against``'s index, then
+    this checkout's, each in its own process."""
+    if pairs < 1:
+        raise ValueError(f"--pairs must be >= 1, got {pairs}")
+    with tempfile.TemporaryDirectory(prefix="memrouter-ab-") as tmp:
+        other = Path(tmp) / "tree"
+        other.mkdir()
+        _router_at(against, other)
+        calls, policy = record(argv)
+        calls_path = Path(tmp) / "calls.pkl"
+        with open(calls_path, "wb") as f:
+            pickle.dump(calls, f, protocol=pickle.HIGHEST_PROTOCOL)
+        runs = []
+        for _ in range(pairs):
+            runs.append((_replay_in_child(calls_path, other), _replay_in_child(calls_path, None)))
+    n = runs[0][0]["decisions"]
+
+    def us(r: dict[str, Any], key: str) -> float:
+        return round(r[key] / n / 1e3, 1)
+
+    rows = [{"against": {"rank_us": us(a, "rank_ns"), "set_view_us": us(a, "set_view_ns"),
+                         "orders_equal": a["orders_equal"], "router": a["router"]},
+             "this": {"rank_us": us(b, "rank_ns"), "set_view_us": us(b, "set_view_ns"),
+                      "orders_equal": b["orders_equal"], "router": b["router"]}} for a, b in runs]
+    assert all(r["against"]["router"] != r["this"]["router"] for r in rows), \
+        "both replays imported the same router package: this is a bug"
+    med = {side: {k: statistics.median(r[side][k] for r in rows) for k in ("rank_us", "set_view_us")}
+           for side in ("against", "this")}
+    return {
+        "command": "python -m bench.sim_replay " + " ".join(argv + ["--against", against, "--pairs", str(pairs)]),
+        "machine": machine_info(),
+        "policy": policy,
+        "against": against,
+        "decisions": n,
+        "clock": "CPU time of the replaying thread (time.thread_time_ns)",
+        "pairs": rows,
+        "median": med,
+        "rank_ratio_this_over_against": round(med["this"]["rank_us"] / med["against"]["rank_us"], 3),
+    }
+
+
+def ab_markdown(out: dict[str, Any]) -> str:
+    L = ["# Simulated placement decisions replayed: this checkout against " + out["against"], "",
+         machine_md(out["machine"]), "", f"Command: `{out['command']}`", "",
+         f"Policy ({out['policy']}): {out['decisions']:,} decisions recorded once with this checkout's code, "
+         f"replayed in pairs, each replay in a fresh process; {out['clock']}.", "",
+         f"| pair | rank us/decision, {out['against']} | rank us/decision, this | set_view us/decision, "
+         f"{out['against']} | set_view us/decision, this | orders equal ({out['against']} / this) |",
+         "|---:|---:|---:|---:|---:|---|"]
+    for i, r in enumerate(out["pairs"], 1):
+        a, b = r["against"], r["this"]
+        L.append(f"| {i} | {a['rank_us']} | {b['rank_us']} | {a['set_view_us']} | {b['set_view_us']} | "
+                 f"{a['orders_equal']} / {b['orders_equal']} |")
+    m = out["median"]
+    L += ["", f"Medians: rank {m['against']['rank_us']:.1f} against {m['this']['rank_us']:.1f} us per decision "
+          f"(this / {out['against']}: {out['rank_ratio_this_over_against']}); set_view "
+          f"{m['against']['set_view_us']:.1f} against {m['this']['set_view_us']:.1f} us.", ""]
+    return "\n".join(L)
+
+
 def to_markdown(out: dict[str, Any]) -> str:
     r, d = out["rank_us_per_decision"], out["decisions_per_s"]
     side = "above" if d["at_median"] >= out["target_decisions_per_s"] else "below"
@@ -170,12 +279,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                              "python -m bench.sim (default --policies a).")
     ap.add_argument("--reps", type=int, default=5, help="replays (default 5)")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
-    ap.add_argument("--name", default="sim_replay", help="result file stem")
+    ap.add_argument("--name", default=None, help="result file stem (default sim_replay, or sim_replay_ab)")
+    ap.add_argument("--against", metavar="REV", help="also replay git revision REV's index, in pairs")
+    ap.add_argument("--pairs", type=int, default=4, help="with --against: pairs of replays (default 4)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     a, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if a.child:
+        _child(a.child)
+        return {}
     if "--policies" not in rest:
         rest += ["--policies", "a"]
+    out_dir = Path(a.out)
+    if a.against:
+        out = run_ab(rest, a.against, a.pairs)
+        name = a.name or "sim_replay_ab"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+        (out_dir / f"{name}.md").write_text(ab_markdown(out))
+        print((out_dir / f"{name}.md").read_text())
+        return out
     out = run(rest, a.reps)
-    out_dir, name = Path(a.out), a.name
+    name = a.name or "sim_replay"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
     (out_dir / f"{name}.md").write_text(to_markdown(out))

@@ -6,6 +6,7 @@ Drives the real router.placement.rank and deployments.cache.PipelineCache; runs 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,30 @@ def test_sim_replay_refuses_what_it_cannot_replay(argv, reps, match):
 
     with pytest.raises(ValueError, match=match):
         run(argv, reps)
+
+
+def test_sim_replay_against_a_revision_replays_both_indexes_in_pairs(tmp_path):
+    """--against: the revision's router package (git archive) and this checkout's, each in
+    its own process, on the same recorded calls. HEAD's index is this one's, so both
+    replay the simulation's orders."""
+    import shutil
+
+    from bench.sim_replay import main
+
+    if shutil.which("git") is None or not (Path(__file__).resolve().parent.parent / ".git").exists():
+        pytest.skip("needs a git checkout")
+    out = main(["--small", "--against", "HEAD", "--pairs", "2", "--out", str(tmp_path)])
+    assert out["decisions"] == 400 and len(out["pairs"]) == 2
+    for pair in out["pairs"]:
+        assert pair["against"]["router"] == "git archive of the revision"
+        assert pair["this"]["router"] == "this checkout"
+        assert pair["against"]["orders_equal"] is True and pair["this"]["orders_equal"] is True
+        assert pair["against"]["rank_us"] > 0 and pair["this"]["rank_us"] > 0
+    assert (tmp_path / "sim_replay_ab.md").read_text().startswith("# Simulated placement decisions replayed")
+
+
+def test_sim_replay_against_an_unknown_revision_names_it():
+    from bench.sim_replay import run_ab
+
+    with pytest.raises(ValueError, match="no-such-rev"):
+        run_ab(["--small", "--policies", "a"], "no-such-rev", 1)
