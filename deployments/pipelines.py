@@ -14,7 +14,6 @@ SIGBUS on truncation) a pipeline already in memory.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import threading
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+from router.estimator import read_model_index
 
 log = logging.getLogger("memrouter.pipelines")
 
@@ -59,7 +60,7 @@ def torch_dtype(name: str) -> torch.dtype:
 # ---- loading ---------------------------------------------------------------------------------
 def _denoiser_name(path: Path) -> str:
     """``unet`` or ``transformer``, whichever component model_index.json declares."""
-    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    index = read_model_index(path)
     for name in _DENOISERS:
         if isinstance(index.get(name), list) and index[name][0] is not None:
             return name
@@ -234,7 +235,7 @@ class WarmUp:
 def _pipeline_classes(path: Path) -> list[tuple[str, str]]:
     """(library, class name) of the pipeline in ``path`` and of each of its components, as
     its model_index.json names them; the pipeline's own library is ``diffusers``."""
-    index = json.loads((Path(path) / "model_index.json").read_text())
+    index = read_model_index(Path(path))
     out = [("diffusers", index["_class_name"])]
     for value in index.values():
         # Components are [library, class]; [null, null] marks an absent optional one.

@@ -321,7 +321,7 @@ def test_warm_up_records_what_it_cannot_import(demo_dir, tmp_path):
                          "diffusers.StableDiffusionPipeline", "diffusers.UNet2DConditionModel",
                          "transformers.CLIPTextModel", "transformers.CLIPTokenizer")
     assert len(w.failures) == 2
-    assert w.failures[0].startswith("missing: model_index.json: FileNotFoundError")
+    assert w.failures[0].startswith("missing: model_index.json: EstimateError: model_index.json unreadable")
     assert w.failures[1].startswith("bogus: diffusers.NoSuchUNet: AttributeError")
     assert not any(str(tmp_path) in f for f in w.failures)  # reports are shown to clients
     assert w.as_dict()["classes"] == 6 and w.as_dict()["failures"] == list(w.failures)
