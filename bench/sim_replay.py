@@ -289,20 +289,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if "--policies" not in rest:
         rest += ["--policies", "a"]
-    out_dir = Path(a.out)
     if a.against:
-        out = run_ab(rest, a.against, a.pairs)
-        name = a.name or "sim_replay_ab"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
-        (out_dir / f"{name}.md").write_text(ab_markdown(out))
-        print((out_dir / f"{name}.md").read_text())
-        return out
-    out = run(rest, a.reps)
-    name = a.name or "sim_replay"
+        out, markdown, name = run_ab(rest, a.against, a.pairs), ab_markdown, a.name or "sim_replay_ab"
+    else:
+        out, markdown, name = run(rest, a.reps), to_markdown, a.name or "sim_replay"
+    out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (out_dir / f"{name}.md").write_text(to_markdown(out))
+    (out_dir / f"{name}.md").write_text(markdown(out))
     print((out_dir / f"{name}.md").read_text())
     return out
 

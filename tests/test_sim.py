@@ -152,6 +152,15 @@ def test_sim_replay_refuses_what_it_cannot_replay(argv, reps, match):
         run(argv, reps)
 
 
+def test_sim_replay_main_writes_its_results(tmp_path):
+    from bench.sim_replay import main
+
+    out = main(["--small", "--reps", "1", "--out", str(tmp_path), "--name", "r"])
+    assert out["decisions"] == 400 and out["orders_equal_to_simulation"] is True
+    assert json.loads((tmp_path / "r.json").read_text())["decisions"] == 400
+    assert (tmp_path / "r.md").read_text().startswith("# Simulated placement decisions, replayed alone")
+
+
 def test_sim_replay_against_a_revision_replays_both_indexes_in_pairs(tmp_path):
     """--against: the revision's router package (git archive) and this checkout's, each in
     its own process, on the same recorded calls. HEAD's index is this one's, so both
