@@ -94,6 +94,16 @@ def admission_problem(need: Need, reports: dict[str, dict[str, Any]]) -> str | N
             f"request shape) but the largest replica budget is {largest_budget} bytes")
 
 
+def _cancel_on_our_timeout(exc: TimeoutError, response: Any) -> None:
+    """Cancel ``response`` (a DeploymentResponse) when ``exc`` is our own wait's timeout:
+    giving up on a response does not cancel it (Serve's __await__ and result()), and the
+    replica would load and run for an answer nobody reads. Not for a TimeoutError the replica
+    raised itself (Ray makes a replica's exception an instance of its cause's class too):
+    that call has answered."""
+    if not isinstance(exc, RayTaskError):
+        response.cancel()
+
+
 class RouterCore:
     """One Router: its registry, settings, estimator and the replica deployment's handle.
 
@@ -162,21 +172,25 @@ class RouterCore:
         return self._finish(result, received_s)
 
     async def reply(self, response: Any) -> Any:
-        """The answer of a replica call (a DeploymentResponse) within request_timeout_s.
-
-        A call given up on is cancelled at the replica too: giving up on a response does not
-        cancel it (Serve's __await__), and the replica would load and run for an answer
-        nobody reads. Given up: our caller's cancellation (an HTTP client gone) or our
-        timeout, not a TimeoutError the replica raised itself (Ray makes a replica's
-        exception an instance of its cause's class too)."""
+        """The answer of a replica call (a DeploymentResponse) within request_timeout_s. A
+        call given up on is cancelled at the replica too: on our caller's cancellation (an
+        HTTP client gone) and on our timeout (see _cancel_on_our_timeout)."""
         try:
             return await asyncio.wait_for(response, timeout=self.settings.request_timeout_s)
         except asyncio.CancelledError:
             response.cancel()
             raise
         except TimeoutError as exc:
-            if not isinstance(exc, RayTaskError):
-                response.cancel()
+            _cancel_on_our_timeout(exc, response)
+            raise
+
+    def reply_sync(self, response: Any) -> Any:
+        """:meth:`reply` for synchronous callers: blocks on the handle's result(), and cancels
+        the call on our timeout in the same way."""
+        try:
+            return response.result(timeout_s=self.settings.request_timeout_s)
+        except TimeoutError as exc:
+            _cancel_on_our_timeout(exc, response)
             raise
 
     def generate_sync(self, req: GenerateRequest) -> GenerateResponse:
@@ -186,9 +200,9 @@ class RouterCore:
         self.admit_sync(need)
         response = remote_as_own_request(self.replicas.generate, payload, need)
         try:
-            result = response.result(timeout_s=self.settings.request_timeout_s)
+            result = self.reply_sync(response)
         except _CALL_ERRORS as exc:
-            raise self._failure(exc, response) from None
+            raise self._failure(exc) from None
         return self._finish(result, received_s)
 
     def _prepare(self, req: GenerateRequest) -> tuple[dict[str, Any], Need, float]:
@@ -212,20 +226,15 @@ class RouterCore:
             raise ServiceError(422, "invalid_request", str(exc)) from None
         return resolved.model_dump() | {"sent_at_s": time.time()}, need, received_s
 
-    def _failure(self, exc: BaseException, response: Any = None) -> ServiceError:
-        """The answer to a failed replica call (one of _CALL_ERRORS); on our own timeout it
-        also cancels ``response`` (the call's DeploymentResponse, when given: the synchronous
-        path; :meth:`reply` cancels for the asynchronous one)."""
+    def _failure(self, exc: BaseException) -> ServiceError:
+        """The answer to a failed replica call (one of _CALL_ERRORS). Cancelling a call given
+        up on is :meth:`reply`'s and :meth:`reply_sync`'s."""
         # RayTaskError first: Ray makes a replica's exception an instance of its cause's class
         # too, so a TimeoutError raised inside the replica is one as well, and is no gateway timeout.
         if isinstance(exc, RayTaskError):  # a bug in replica code: not the client's fault, not transient
             log.error("replica raised: %s", exc)
             return ServiceError(500, "internal_error", "the replica failed while serving the request")
         if isinstance(exc, TimeoutError):  # asyncio's and the handle's result() timeout alike
-            if response is not None:
-                # Giving up on a response does not cancel it (Serve's __await__ and result()):
-                # the replica would load and run for an answer nobody reads.
-                response.cancel()
             return ServiceError(504, "timeout", f"no answer within {self.settings.request_timeout_s} s")
         if isinstance(exc, BackPressureError):
             return ServiceError(503, "overloaded", "too many requests queued; retry later", 1)

@@ -438,15 +438,24 @@ def test_replica_call_failures_map_to_their_statuses():
                    "replica_bug": (500, "internal_error"), "backpressure": (503, "overloaded")}
     assert "7.0 s" in core._failure(TimeoutError()).message
 
-    class Response:  # a DeploymentResponse's cancel(), recorded
+    class Response:  # a DeploymentResponse whose result() raises, its cancel() recorded
         cancelled = 0
+
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def result(self, timeout_s: float) -> None:
+            assert timeout_s == 7.0
+            raise self.exc
 
         def cancel(self) -> None:
             self.cancelled += 1
 
-    ours, theirs = Response(), Response()
-    core._failure(TimeoutError(), ours)  # our timeout: the replica call is cancelled
-    core._failure(inside, theirs)  # the replica's own error: it has answered, nothing to cancel
+    ours, theirs = Response(TimeoutError()), Response(inside)
+    for response in (ours, theirs):
+        with pytest.raises(TimeoutError):
+            core.reply_sync(response)
+    # Our timeout: the replica call is cancelled; the replica's own error: it has answered.
     assert (ours.cancelled, theirs.cancelled) == (1, 0)
 
 
