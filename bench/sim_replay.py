@@ -202,13 +202,11 @@ def run_ab(argv: list[str], against: str, pairs: int) -> dict[str, Any]:
             runs.append((_replay_in_child(calls_path, other), _replay_in_child(calls_path, None)))
     n = runs[0][0]["decisions"]
 
-    def us(r: dict[str, Any], key: str) -> float:
-        return round(r[key] / n / 1e3, 1)
+    def side(r: dict[str, Any]) -> dict[str, Any]:
+        return {"rank_us": round(r["rank_ns"] / n / 1e3, 1), "set_view_us": round(r["set_view_ns"] / n / 1e3, 1),
+                "orders_equal": r["orders_equal"], "router": r["router"]}
 
-    rows = [{"against": {"rank_us": us(a, "rank_ns"), "set_view_us": us(a, "set_view_ns"),
-                         "orders_equal": a["orders_equal"], "router": a["router"]},
-             "this": {"rank_us": us(b, "rank_ns"), "set_view_us": us(b, "set_view_ns"),
-                      "orders_equal": b["orders_equal"], "router": b["router"]}} for a, b in runs]
+    rows = [{"against": side(a), "this": side(b)} for a, b in runs]
     assert all(r["against"]["router"] != r["this"]["router"] for r in rows), \
         "both replays imported the same router package: this is a bug"
     med = {side: {k: statistics.median(r[side][k] for r in rows) for k in ("rank_us", "set_view_us")}

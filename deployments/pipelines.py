@@ -278,7 +278,7 @@ def warm_up(paths: Iterable[Path]) -> WarmUp:
         try:
             for lib_cls in _pipeline_classes(path):
                 seen.setdefault(lib_cls, Path(path).name)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # read_model_index: an OSError is an EstimateError
             # _redact: reports are shown to clients (/v1/status), host paths are not.
             failures.append(f"{Path(path).name}: model_index.json: {_redact(f'{type(exc).__name__}: {exc}', Path(path))}")
     imported = []
