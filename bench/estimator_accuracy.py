@@ -299,6 +299,7 @@ def write_sparse_pipeline(root: Path, arch: Arch, models: dict[str, torch.nn.Mod
         write_sparse_component(root / comp.name, comp, models[comp.name])
     for name, lib, cls in arch.extras:
         index[name] = [lib, cls]
+        (root / name).mkdir()  # no weights (tokenizers, schedulers); a listed component needs its folder
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root
 

@@ -77,7 +77,7 @@ class CacheConfig:
             raise ValueError(f"device_budget_bytes must be > 0, got {self.device_budget_bytes}")
         if self.host_budget_bytes < 0:
             raise ValueError(f"host_budget_bytes must be >= 0, got {self.host_budget_bytes}")
-        if self.idle_offload_s <= 0 or self.idle_release_s <= 0:
+        if not (self.idle_offload_s > 0 and self.idle_release_s > 0):  # NaN too: it would switch the timers off
             raise ValueError(
                 f"idle timeouts must be > 0 s, got idle_offload_s={self.idle_offload_s} idle_release_s={self.idle_release_s}"
             )

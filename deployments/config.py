@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from router import profiles
 from router.registry import Registry
 from router.settings import IngressSettings
 
@@ -52,6 +53,20 @@ class ReplicaSettings(BaseModel):
         default=False,
         description="TEST SEAM (deployments/faults.py): lets ModelReplica.inject_faults arm injected out-of-memory "
                     "errors and delays. Off by default; never enable it in production configs.")
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, v: str) -> str:
+        known = ("auto", profiles.CPU_PROFILE_NAME, *profiles.PROFILES)
+        if v not in known:
+            raise ValueError(f"unknown profile {v!r}; use one of {list(known)}")
+        return v
+
+    @field_validator("profile_overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        profiles.check_overrides(v)  # at build time, not in each replica's constructor
+        return v
 
 
 class AppConfig(BaseModel):

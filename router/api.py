@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from router.registry import NAME_PATTERN, CheckpointSpec
+from router.registry import NAME_PATTERN, SIZE_MULTIPLE, CheckpointSpec
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
@@ -92,12 +92,6 @@ def resolve_request(req: GenerateRequest, spec: CheckpointSpec, *, default_seed:
         num_inference_steps=steps, guidance_scale=req.guidance_scale,
         seed=default_seed if req.seed is None else req.seed, num_images=req.num_images,
     )
-
-
-# Pixels a side must be a multiple of, by family, where the pipeline wants more than the API's
-# 8: diffusers' SD3 pipeline raises on other sizes (vae scale 8 x patch 2) and Flux's silently
-# resizes to a multiple of 16, so either way the request is refused here, naming the field.
-SIZE_MULTIPLE = {"sd3": 16, "flux": 16}
 
 
 def check_image_size(resolved: ResolvedRequest, family: str) -> None:

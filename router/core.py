@@ -223,6 +223,10 @@ class RouterCore:
         try:
             check_image_size(resolved, family)
         except RequestLimitError as exc:
+            if getattr(req, exc.field) is None:  # the registry's default, not the client's choice
+                raise ServiceError(500, "checkpoint_misconfigured",
+                                   f"checkpoint {spec.name!r}: its default {exc}: set default_{exc.field} in the "
+                                   f"registry to a multiple, or send {exc.field}") from None
             raise ServiceError(422, "invalid_request", str(exc)) from None
         return resolved.model_dump() | {"sent_at_s": time.time()}, need, received_s
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from router.registry import CheckpointSpec, Dtype, Family, Quantization
+from router.layout import LayoutError, pipeline_weight_files
+from router.registry import DENOISER_COMPONENTS, CheckpointSpec, Dtype, Family, Quantization
 
 MIB = 1024**2
 GIB = 1024**3
@@ -34,9 +35,13 @@ MAX_HEADER_BYTES = 100 * 1000 * 1000
 
 DTYPE_BYTES: Mapping[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1, "C64": 8,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# Counted at the compute dtype (torch's is_floating_point: what Module.to(dtype) converts).
+# Complex tensors keep their size.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+                          "F8_E8M0"})
 TARGET_DTYPE_BYTES: Mapping[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 NF4_BLOCK = 64
 
@@ -185,18 +190,6 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     return tensors
 
 
-def _is_variant_file(p: Path) -> bool:
-    # "model.fp16.safetensors" is a variant; "model-00001-of-00002.safetensors" is a shard.
-    return len(p.name.split(".")) > 2
-
-
-def component_files(folder: Path) -> list[Path]:
-    """The safetensors files ``from_pretrained`` (no variant) would load from a component."""
-    files = sorted(folder.glob("*.safetensors"))
-    plain = [p for p in files if not _is_variant_file(p)]
-    return plain or files
-
-
 def read_model_index(path: Path) -> dict:
     try:
         data = json.loads((path / "model_index.json").read_text())
@@ -208,7 +201,12 @@ def read_model_index(path: Path) -> dict:
 
 
 def infer_family(model_index: Mapping, denoiser_params: int) -> Family:
-    """Family from the pipeline class name; tiny when the denoiser has < 100M params."""
+    """Family from the pipeline class name; tiny when the denoiser (``unet``/``transformer``)
+    has < 100M params; unknown (the conservative row) when the pipeline has no component by
+    those names (Stable Cascade's ``decoder``, Kandinsky's ``prior``): 0 params there says
+    nothing about its size."""
+    if denoiser_params == 0:
+        return Family.UNKNOWN
     if denoiser_params < 100_000_000:
         return Family.TINY
     cls = str(model_index.get("_class_name", ""))
@@ -284,31 +282,35 @@ class Estimator:
         self._table = dict(workspace_table)
         self._weights: dict[_WeightsKey, tuple[tuple[ComponentEstimate, ...], Family]] = {}
 
-    def _layout(self, spec: CheckpointSpec) -> tuple[dict, dict[str, list[Path]]]:
+    def _layout(self, spec: CheckpointSpec) -> tuple[dict, dict[str, tuple[Path, ...]]]:
+        """model_index.json and, per weighted component, the files from_pretrained loads
+        (router/layout.py)."""
         index = read_model_index(spec.path)
-        comps: dict[str, list[Path]] = {}
-        for name, value in index.items():
-            if name.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
-                continue
-            folder = spec.path / name
-            if folder.is_dir():
-                files = component_files(folder)
-                if files:
-                    comps[name] = files
-        if not comps:
-            raise EstimateError(f"checkpoint {spec.name!r}: no safetensors weights found")
+        try:
+            comps = pipeline_weight_files(spec.path, index)
+        except LayoutError as exc:
+            raise EstimateError(f"checkpoint {spec.name!r}: {exc}") from None
         return index, comps
+
+    @staticmethod
+    def _signature(spec: CheckpointSpec, comps: Mapping[str, tuple[Path, ...]]) -> tuple:
+        sig = []
+        for files in comps.values():
+            for p in files:
+                try:
+                    st = os.stat(p)
+                except OSError as exc:  # a dangling link (a cache blob deleted), a file removed since
+                    raise EstimateError(f"checkpoint {spec.name!r}: {p.relative_to(spec.path)}: cannot read "
+                                        f"({exc.strerror})") from None
+                sig.append((str(p.relative_to(spec.path)), st.st_size, st.st_mtime_ns))
+        return tuple(sig)
 
     def weights(self, spec: CheckpointSpec, dtype: str) -> tuple[tuple[ComponentEstimate, ...], Family]:
         """Per-component weight bytes at ``dtype`` and the resolved family."""
         if dtype not in TARGET_DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(TARGET_DTYPE_BYTES)}, got {dtype!r}")
         index, comps = self._layout(spec)
-        signature = tuple(
-            (str(p.relative_to(spec.path)), st.st_size, st.st_mtime_ns)
-            for files in comps.values() for p in files for st in (os.stat(p),)
-        )
-        key = _WeightsKey(str(spec.path), signature, dtype, spec.quantization.value, spec.family.value)
+        key = _WeightsKey(str(spec.path), self._signature(spec, comps), dtype, spec.quantization.value, spec.family.value)
         cached = self._weights.get(key)
         if cached is not None:
             return cached
@@ -321,9 +323,9 @@ class Estimator:
                     tensors.extend(read_safetensors_header(p))
                 except EstimateError as exc:
                     raise EstimateError(f"checkpoint {spec.name!r}: {name}/{exc}") from None
-            quantized = name in ("unet", "transformer") and spec.quantization is not Quantization.NONE
+            quantized = name in DENOISER_COMPONENTS and spec.quantization is not Quantization.NONE
             params = sum(t.numel for t in tensors)
-            if name in ("unet", "transformer"):
+            if name in DENOISER_COMPONENTS:
                 denoiser_params += params
             q = spec.quantization if quantized else Quantization.NONE
             cls = str(index[name][1]) if len(index[name]) > 1 else ""

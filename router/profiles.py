@@ -42,6 +42,8 @@ class HardwareProfile:
 
     def __post_init__(self) -> None:
         # Validated once here so that every profile, table or override, is sound.
+        for f in dataclasses.fields(self):
+            _check_kind(f"profile {self.name!r}: {f.name}", f.name, getattr(self, f.name))
         if self.total_bytes <= 0:
             raise ValueError(f"profile {self.name!r}: total_bytes must be > 0, got {self.total_bytes}")
         if not 0 <= self.reserve_bytes < self.total_bytes:
@@ -55,8 +57,9 @@ class HardwareProfile:
             raise ValueError(f"profile {self.name!r}: max_resident_pipelines must be >= 1")
         if self.host_budget_bytes < 0:
             raise ValueError(f"profile {self.name!r}: host_budget_bytes must be >= 0")
-        if self.idle_offload_s <= 0 or self.idle_release_s <= 0:
-            raise ValueError(f"profile {self.name!r}: idle timeouts must be > 0 seconds")
+        if not (self.idle_offload_s > 0 and self.idle_release_s > 0):  # NaN too: it would switch the timers off
+            raise ValueError(f"profile {self.name!r}: idle timeouts must be > 0 seconds (inf: never), got "
+                             f"idle_offload_s={self.idle_offload_s}, idle_release_s={self.idle_release_s}")
 
     @property
     def device_budget_bytes(self) -> int:
@@ -66,16 +69,51 @@ class HardwareProfile:
         """Return a copy with config overrides applied; unknown keys are a ValueError."""
         if not overrides:
             return self
-        fields = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"profile override: unknown field(s) {unknown}; known fields are {sorted(fields)}")
+        check_overrides(overrides)
         return dataclasses.replace(self, **dict(overrides))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["device_budget_bytes"] = self.device_budget_bytes
         return d
+
+
+# Each field's kind: config YAML gives strings for "2GiB" or "2.5e9", which must be refused
+# naming the field, not fail later in arithmetic.
+_KINDS: dict[str, str] = {
+    "name": "str", "total_bytes": "bytes", "reserve_bytes": "bytes", "default_dtype": "str",
+    "max_resident_pipelines": "int", "host_budget_bytes": "bytes", "idle_offload_s": "seconds",
+    "idle_release_s": "seconds", "is_cuda": "bool",
+}
+
+
+def _check_kind(label: str, field: str, value: Any) -> None:
+    kind = _KINDS[field]
+    if kind in ("bytes", "int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer number of bytes (2.5 GB: 2500000000)" if kind == "bytes" else "an integer"
+    elif kind == "seconds":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number of seconds"
+    elif kind == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    else:
+        ok, want = isinstance(value, str), "a string"
+    if not ok:
+        raise ValueError(f"{label} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> None:
+    """Refuse unknown fields and values of the wrong kind in ``profile_overrides`` (ValueError
+    naming the field); ranges that depend on the device (reserve below total) are checked
+    when the override is applied to the replica's profile."""
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"profile_overrides must be a mapping of HardwareProfile fields, got {type(overrides).__name__}")
+    unknown = sorted(set(overrides) - set(_KINDS))
+    if unknown:
+        raise ValueError(f"profile override: unknown field(s) {unknown}; known fields are {sorted(_KINDS)}")
+    for field, value in overrides.items():
+        _check_kind(f"profile override {field}", field, value)
 
 
 def _gpu(name: str, total_gib: float, *, bf16: bool, max_resident: int, host_gib: int) -> HardwareProfile:
@@ -142,8 +180,11 @@ def detect(device_name: str, total_bytes: int) -> HardwareProfile:
     """Pick a GPU profile from the CUDA device name and its measured total memory.
 
     An unknown GPU gets a generic profile built from its measured total (fp16 default,
-    since bf16 support cannot be assumed). The table's ``total_bytes`` is replaced by the
-    measured total when the board reports less (MIG slices, vGPU).
+    since bf16 support cannot be assumed). When the board reports less than the table's
+    total (MIG slices, vGPU), the profile takes the measured total, a reserve by the table's
+    rule on it, and the board's host budget and resident cap scaled by its share. Caveat:
+    the host RAM is the node's, shared by every slice's replica; set host_budget_bytes in
+    profile_overrides where the node has less than the board's row assumes.
     """
     if total_bytes <= 0:
         raise ValueError(f"detect: total_bytes must be > 0, got {total_bytes}")
@@ -153,7 +194,8 @@ def detect(device_name: str, total_bytes: int) -> HardwareProfile:
     elif "H100" in upper:
         key = "H100-80GB"
     elif "A100" in upper:
-        key = "A100-80GB" if total_bytes > 60 * GIB else "A100-40GB"
+        # A MIG slice of an 80 GB board reports the slice's total: the name tells the board.
+        key = "A100-80GB" if total_bytes > 60 * GIB or "80GB" in upper else "A100-40GB"
     elif "A10G" in upper:
         key = "A10G-24GB"
     elif "L4" in upper.split() or upper.endswith(" L4"):
@@ -165,8 +207,14 @@ def detect(device_name: str, total_bytes: int) -> HardwareProfile:
     if key is not None:
         base = PROFILES[key]
         if total_bytes < base.total_bytes:
-            reserve = min(base.reserve_bytes, total_bytes // 2)
-            return dataclasses.replace(base, total_bytes=total_bytes, reserve_bytes=reserve)
+            # A slice of the board: its own CUDA context reserve (the table's rule on its total,
+            # at most half), and its share of the host tier and of the resident cap, so that
+            # the slices of one board together hold what the board would.
+            share = total_bytes / base.total_bytes
+            return dataclasses.replace(
+                base, total_bytes=total_bytes, reserve_bytes=min(max(GIB, total_bytes // 20), total_bytes // 2),
+                host_budget_bytes=int(base.host_budget_bytes * share),
+                max_resident_pipelines=max(1, round(base.max_resident_pipelines * share)))
         return base
     return dataclasses.replace(
         _gpu(GENERIC_GPU_NAME, total_bytes / GIB, bf16=False, max_resident=4, host_gib=32),

@@ -18,8 +18,9 @@ from typing import Any, Iterable, Iterator
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from router.layout import LayoutError, pipeline_weight_files
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Components whose weights count; tokenizers, schedulers and feature extractors have none.
 DENOISER_COMPONENTS = ("unet", "transformer")
 
@@ -48,6 +49,15 @@ class Family(str, enum.Enum):
     FLUX = "flux"
     TINY = "tiny"
     UNKNOWN = "unknown"
+
+
+# Pixels a side must be a multiple of, by family, where the pipeline wants more than the API's
+# 8: diffusers' SD3 pipeline raises on other sizes (vae scale 8 x patch 2) and Flux's silently
+# resizes to a multiple of 16, so either way such a request is refused, naming the field.
+SIZE_MULTIPLE: dict[str, int] = {"sd3": 16, "flux": 16}
+# The implicit default side (no default_width/height): at most 512 and a multiple of the
+# largest SIZE_MULTIPLE, so that it suits whatever family "auto" turns out to be.
+_IMPLICIT_MULTIPLE = max(SIZE_MULTIPLE.values())
 
 
 class RegistryError(ValueError):
@@ -98,15 +108,27 @@ class CheckpointSpec(BaseModel):
             value, cap = getattr(self, default), getattr(self, limit)
             if value is not None and value > cap:
                 raise ValueError(f"{default} {value} exceeds {limit} {cap}: lower it or raise {limit}")
+        multiple = SIZE_MULTIPLE.get(self.family.value, 8)
+        for side, default, value in (("width", "default_width", self.width), ("height", "default_height", self.height)):
+            if value % multiple:  # an explicit family's need; "auto" is checked per request (router/core.py)
+                raise ValueError(f"the default {side} {value} is not a multiple of {multiple}, which {self.family.value} "
+                                 f"checkpoints need: set {default} to one")
         return self
+
+    @staticmethod
+    def _implicit(max_side: int) -> int:
+        return min(512, max(8, max_side - max_side % _IMPLICIT_MULTIPLE))
 
     @property
     def width(self) -> int:
-        return self.default_width or min(512, self.max_width)
+        """The width a request without one gets: ``default_width``, else at most 512 (a
+        multiple of 16, within ``max_width``)."""
+        return self.default_width or self._implicit(self.max_width)
 
     @property
     def height(self) -> int:
-        return self.default_height or min(512, self.max_height)
+        """As :attr:`width`, for the height."""
+        return self.default_height or self._implicit(self.max_height)
 
     @property
     def steps(self) -> int:
@@ -114,7 +136,10 @@ class CheckpointSpec(BaseModel):
 
 
 def _check_folder(spec: CheckpointSpec) -> None:
-    """Refuse folders we cannot load safely. Raises RegistryError naming the entry."""
+    """Refuse folders we cannot load safely, or at all (router/layout.py's
+    pipeline_weight_files: pickles only, variants only, a listed component missing): else
+    every request for the checkpoint would fail at load time instead of here. Raises
+    RegistryError naming the entry."""
     where = f"checkpoint {spec.name!r}: path"
     if not spec.path.is_dir():
         raise RegistryError(f"{where}: folder does not exist or is not a directory: {spec.path}")
@@ -123,28 +148,14 @@ def _check_folder(spec: CheckpointSpec) -> None:
         raise RegistryError(f"{where}: no model_index.json in {spec.path} (not a diffusers pipeline folder)")
     try:
         components = json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RegistryError(f"{where}: model_index.json is not valid JSON ({exc})") from None
     if not isinstance(components, dict):
         raise RegistryError(f"{where}: model_index.json must be a JSON object")
-    weighted = 0
-    for comp, value in components.items():
-        if comp.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
-            continue
-        folder = spec.path / comp
-        if not folder.is_dir():
-            continue
-        has_safetensors = any(folder.glob("*.safetensors"))
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if not has_safetensors and pickles:
-            raise RegistryError(
-                f"{where}: component {comp!r} has only pickle weights ({', '.join(pickles)}); "
-                "pickle files can execute code when loaded, so only safetensors are accepted. "
-                "Convert them with safetensors first."
-            )
-        weighted += has_safetensors
-    if weighted == 0:
-        raise RegistryError(f"{where}: no safetensors weights found under {spec.path}")
+    try:
+        pipeline_weight_files(spec.path, components)
+    except LayoutError as exc:
+        raise RegistryError(f"{where}: {exc}") from None
 
 
 class Registry:

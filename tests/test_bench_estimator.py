@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from bench import estimator_accuracy as ea
 from bench.arch_configs import ARCHS, build_component, tiny_twin
-from router.estimator import Estimator, component_files, read_safetensors_header
+from router.estimator import Estimator, read_safetensors_header
+from router.layout import component_files
 from router.registry import CheckpointSpec
 
 
@@ -37,12 +38,14 @@ def _real_folder(root: Path, arch, comps) -> Path:
         index[c.name] = [c.library, c.cls]
     for name, lib, cls in arch.extras:
         index[name] = [lib, cls]
+        (root / name).mkdir()
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 
 
-def _headers(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    return {t.name: (t.dtype, t.shape) for p in component_files(folder) for t in read_safetensors_header(p)}
+def _headers(folder: Path, library: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {t.name: (t.dtype, t.shape) for p in component_files(folder, library).files
+            for t in read_safetensors_header(p)}
 
 
 @pytest.mark.parametrize("key", ["sd3", "sdxl", "flux"])
@@ -53,7 +56,7 @@ def test_sparse_folder_estimates_exactly_like_a_real_save(tmp_path, key):
     sparse = ea.write_sparse_pipeline(tmp_path / "sparse", arch, models, comps)
     for c in comps:
         # same tensor names, dtypes and shapes (tied T5 embeddings stored once, CLIP position_ids not stored)
-        assert _headers(sparse / c.name) == _headers(real / c.name), c.name
+        assert _headers(sparse / c.name, c.library) == _headers(real / c.name, c.library), c.name
     est = Estimator()
     for dtype in ("float16", "bfloat16"):
         for quant in ("none", "int8", "nf4"):
@@ -82,10 +85,10 @@ def test_sharded_sparse_component_is_read_whole(tmp_path):
     unet = next(c for c in comps if c.name == "unet")
     model = ea.meta_component(unet)
     total = ea.write_sparse_component(tmp_path / "unet", unet, model, max_shard_bytes=200_000)
-    files = component_files(tmp_path / "unet")
+    files = component_files(tmp_path / "unet", "diffusers").files
     assert len(files) > 1 and all("-of-" in f.name for f in files)
     assert sum(f.stat().st_size for f in files) == total
-    assert _headers(tmp_path / "unet").keys() == {n for n, _, _ in ea.header_entries(model, "float32")}
+    assert _headers(tmp_path / "unet", "diffusers").keys() == {n for n, _, _ in ea.header_entries(model, "float32")}
 
 
 @pytest.mark.parametrize("cls_key", [("flux", "text_encoder_2"), ("sd3", "transformer"), ("sdxl", "text_encoder_2")])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ def make_folder(root: Path, name: str = "ckpt", cls: str = "StableDiffusionPipel
     path = root / name
     (path / "unet").mkdir(parents=True)
     (path / "text_encoder").mkdir()
+    (path / "scheduler").mkdir()
+    (path / "scheduler" / "scheduler_config.json").write_text("{}")
     (path / "model_index.json").write_text(json.dumps({
         "_class_name": cls, "unet": ["diffusers", "UNet2DConditionModel"],
         "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "DDIMScheduler"],
@@ -258,6 +262,53 @@ def test_profile_misuse_names_the_problem(call, match):
         call()
 
 
+@pytest.mark.parametrize("args, match", [
+    ({"profile": "H100"}, "unknown profile 'H100'; use one of"),
+    ({"profile_overrides": {"reserv_bytes": 1}}, r"unknown field\(s\) \['reserv_bytes'\]"),
+    ({"profile_overrides": {"reserve_bytes": "2.5e9"}},  # YAML reads 2.5e9 as this string
+     r"profile override reserve_bytes must be an integer number of bytes .*got '2.5e9' \(str\)"),
+    ({"profile_overrides": {"idle_release_s": True}}, "idle_release_s must be a number of seconds"),
+])
+def test_replica_profile_settings_are_refused_when_the_app_is_built_naming_the_field(args, match):
+    from pydantic import ValidationError
+
+    from deployments.config import AppConfig
+
+    with pytest.raises(ValidationError, match=match):
+        AppConfig.model_validate({"replica": args})
+
+
+def test_good_profile_settings_validate_and_apply():
+    from deployments.config import AppConfig
+
+    cfg = AppConfig.model_validate({"replica": {"profile": "L4-24GB", "profile_overrides": {
+        "reserve_bytes": 2 * GIB, "idle_release_s": float("inf"), "idle_offload_s": 30}}})
+    p = profiles.resolve(cfg.replica.profile, cuda_device=None, available_ram_bytes=GIB,
+                         overrides=cfg.replica.profile_overrides)
+    assert (p.reserve_bytes, p.idle_release_s, p.idle_offload_s) == (2 * GIB, float("inf"), 30)
+
+
+def test_a_nan_idle_timeout_is_refused_it_would_switch_the_timers_off():
+    with pytest.raises(ValueError, match="idle timeouts must be > 0 seconds"):
+        profiles.PROFILES["L4-24GB"].with_overrides({"idle_release_s": float("nan")})
+    from deployments.cache import CacheConfig
+
+    with pytest.raises(ValueError, match="idle timeouts must be > 0 s"):
+        CacheConfig(device_budget_bytes=1, idle_offload_s=float("nan"))
+
+
+def test_a_mig_slice_gets_its_own_reserve_and_its_share_of_host_and_resident_cap():
+    board = profiles.PROFILES["H100-80GB"]
+    p = profiles.detect("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 10 * GIB)
+    share = 10 * GIB / board.total_bytes
+    assert p.name == "H100-80GB" and p.total_bytes == 10 * GIB
+    assert p.reserve_bytes == GIB  # was the board's 3.95 GiB: 40% of the slice
+    assert p.host_budget_bytes == int(board.host_budget_bytes * share)
+    assert p.max_resident_pipelines == round(board.max_resident_pipelines * share) == 2
+    assert profiles.detect("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40 * GIB).name == "A100-80GB"
+    assert profiles.detect("NVIDIA A100-SXM4-40GB", int(39.5 * GIB)).name == "A100-40GB"
+
+
 def test_a_family_override_is_not_served_from_another_entrys_cached_estimate(tmp_path):
     path = make_folder(tmp_path)
     est = Estimator()
@@ -304,3 +355,193 @@ def test_image_sizes_are_checked_against_the_familys_multiple(family, width, hei
         with pytest.raises(RequestLimitError, match="multiple of 16") as info:
             check_image_size(r, family)
         assert info.value.field == bad
+
+
+# ---- which files load (router/layout.py) -----------------------------------------------------
+def _unet(path: Path) -> Path:
+    return path / "unet" / "diffusion_pytorch_model.safetensors"
+
+
+def test_a_variant_only_component_is_refused_naming_its_files(tmp_path):
+    """from_pretrained without a variant never loads *.fp16.safetensors: such a folder
+    would fail at every request's load, so the registry refuses it."""
+    path = make_folder(tmp_path)
+    _unet(path).rename(path / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(RegistryError, match=r"component 'unet'.*does not load without a variant "
+                                            r"\(diffusion_pytorch_model\.fp16\.safetensors\)"):
+        Registry([spec(path)])
+
+
+def test_a_plain_file_beside_a_variant_is_the_one_counted(tmp_path):
+    path = make_folder(tmp_path)
+    save_file({"big.weight": torch.zeros(1000, 1000)}, str(path / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    Registry([spec(path)])
+    est = Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
+    assert est.component_bytes()["unet"] == UNET_FLOATS * 2 + UNET_INTS_BYTES
+
+
+def _shard(path: Path) -> None:
+    """unet as two shards and an index (as save_pretrained(max_shard_size=...) writes them)."""
+    save_file({"proj.weight": torch.zeros(10, 100), "proj.bias": torch.zeros(10)},
+              str(path / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    save_file({"conv.weight": torch.zeros(4, 4, 3, 3), "steps": torch.zeros(5, dtype=torch.int64)},
+              str(path / "unet" / "diffusion_pytorch_model-00002-of-00002.safetensors"))
+    (path / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "proj.weight": "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "proj.bias": "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "conv.weight": "diffusion_pytorch_model-00002-of-00002.safetensors",
+        "steps": "diffusion_pytorch_model-00002-of-00002.safetensors"}}))
+
+
+@pytest.mark.parametrize("leftover", ["consolidated", "stray shard", "none"])
+def test_a_sharded_component_counts_the_shards_its_index_names_once(tmp_path, leftover):
+    """diffusers loads what the index names; a consolidated file left beside the shards, or a
+    shard of an older layout, is not loaded and must not be counted (it was: 2x)."""
+    path = make_folder(tmp_path)
+    if leftover != "consolidated":
+        _unet(path).unlink()
+    _shard(path)
+    if leftover == "stray shard":
+        save_file({"old.weight": torch.zeros(300, 300)},
+                  str(path / "unet" / "diffusion_pytorch_model-00003-of-00003.safetensors"))
+    Registry([spec(path)])
+    est = Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
+    assert est.component_bytes()["unet"] == UNET_FLOATS * 2 + UNET_INTS_BYTES
+
+
+def test_a_transformers_component_prefers_its_single_file_to_an_index(tmp_path):
+    path = make_folder(tmp_path)
+    save_file({"old.weight": torch.zeros(300, 300)}, str(path / "text_encoder" / "model-00001-of-00001.safetensors"))
+    (path / "text_encoder" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"old.weight": "model-00001-of-00001.safetensors"}}))
+    est = Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
+    assert est.component_bytes()["text_encoder"] == TE_FLOATS * 2 + TE_BUFFER
+
+
+@pytest.mark.parametrize("index, match", [
+    ("{oops", "unreadable shard index"),
+    (json.dumps({"weight_map": {}}), "without a weight_map"),
+    (json.dumps({"weight_map": {"a": "../../etc/passwd.safetensors"}}), "not a .safetensors file in this folder"),
+    (json.dumps({"weight_map": {"a": "gone-00001-of-00001.safetensors"}}), "shard gone-00001-of-00001.safetensors is missing"),
+])
+def test_a_broken_shard_index_is_refused_naming_it(tmp_path, index, match):
+    path = make_folder(tmp_path)
+    (path / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(index)
+    with pytest.raises(RegistryError, match=r"component 'unet': diffusion_pytorch_model\.safetensors\.index\.json: .*" + match):
+        Registry([spec(path)])
+    with pytest.raises(EstimateError, match=match):
+        Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
+
+
+@pytest.mark.parametrize("breakage, match", [
+    (lambda p: shutil.rmtree(p / "scheduler"), "component 'scheduler' is listed in model_index.json but has no folder"),
+    (lambda p: (_unet(p).unlink(), (p / "unet" / "config.json").write_text("{}")),
+     "component 'unet' has a config.json but no safetensors weights"),
+])
+def test_a_component_that_cannot_load_is_refused_at_registration(tmp_path, breakage, match):
+    path = make_folder(tmp_path)
+    breakage(path)
+    with pytest.raises(RegistryError, match=match):
+        Registry([spec(path)])
+
+
+def test_a_dangling_link_is_refused_by_the_registry_and_an_estimate_error_after(tmp_path):
+    """A Hugging Face cache folder whose blob was deleted: the link stays, the file is gone."""
+    path = make_folder(tmp_path)
+    blob = tmp_path / "blob.safetensors"
+    _unet(path).rename(blob)
+    _unet(path).symlink_to(blob)
+    Registry([spec(path)])
+    est = Estimator()
+    est.estimate(spec(path), dtype="float16", width=64, height=64)
+    blob.unlink()  # after registration: the estimate names the file, not a bare FileNotFoundError
+    with pytest.raises(EstimateError, match=r"checkpoint 'ckpt': component 'unet': diffusion_pytorch_model\.safetensors: "
+                                            r"a link to a missing file \(.*blob\.safetensors\)"):
+        est.estimate(spec(path), dtype="float16", width=64, height=64)
+    with pytest.raises(RegistryError, match="component 'unet': diffusion_pytorch_model.safetensors: a link to a missing"):
+        Registry([spec(path)])
+
+
+def test_a_file_gone_between_listing_and_reading_is_an_estimate_error(tmp_path, monkeypatch):
+    import router.estimator as estimator
+
+    path = make_folder(tmp_path)
+    monkeypatch.setattr(estimator, "pipeline_weight_files", lambda p, index: {"unet": (p / "unet" / "gone.safetensors",)})
+    with pytest.raises(EstimateError, match=r"checkpoint 'ckpt': unet/gone\.safetensors: cannot read \(No such file"):
+        Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
+
+
+def test_a_pipeline_without_unet_or_transformer_gets_the_conservative_row_not_tiny(tmp_path):
+    """Stable Cascade's denoiser is 'decoder': 0 unet/transformer params said 'tiny' (a 10x
+    smaller workspace) for a 1.5B-param model."""
+    path = make_folder(tmp_path)
+    index = json.loads((path / "model_index.json").read_text())
+    index["decoder"] = index.pop("unet")
+    index["_class_name"] = "StableCascadeDecoderPipeline"
+    (path / "model_index.json").write_text(json.dumps(index))
+    (path / "unet").rename(path / "decoder")
+    assert Estimator().estimate(spec(path), dtype="float16", width=64, height=64).family == "unknown"
+    assert Estimator().estimate(spec(make_folder(tmp_path, "small")), dtype="float16", width=64, height=64).family == "tiny"
+
+
+@pytest.mark.parametrize("dtype, nbytes", [("F8_E8M0", 2), ("F8_E4M3FNUZ", 2), ("F8_E5M2FNUZ", 2), ("C64", 8)])
+def test_newer_safetensors_dtypes_are_estimated(tmp_path, dtype, nbytes):
+    """Floating dtypes count at the compute dtype (float16 here), complex as stored."""
+    path = make_folder(tmp_path)
+    header = json.dumps({"x": {"dtype": dtype, "shape": [3, 5], "data_offsets": [0, 15 * (8 if dtype == "C64" else 1)]}})
+    raw = header.encode()
+    (path / "text_encoder" / "model.safetensors").write_bytes(
+        len(raw).to_bytes(8, "little") + raw + bytes(15 * (8 if dtype == "C64" else 1)))
+    est = Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
+    assert est.component_bytes()["text_encoder"] == 15 * nbytes + TE_BUFFER
+
+
+# ---- default image sizes against the family's multiple ------------------------------------------
+def test_an_explicit_familys_default_size_must_be_a_size_it_takes(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="the default width 520 is not a multiple of 16, which flux checkpoints "
+                                              "need: set default_width"):
+        spec(tmp_path, family="flux", default_width=520)
+    with pytest.raises(ValidationError, match="the default height 1000 is not a multiple of 16, which sd3"):
+        spec(tmp_path, family="sd3", default_height=1000)
+    assert spec(tmp_path, family="sd1", default_width=520).width == 520  # 8 is enough there
+
+
+@pytest.mark.parametrize("max_side, implicit", [(264, 256), (1024, 512), (8, 8), (16, 16), (504, 496)])
+def test_the_implicit_default_side_is_a_multiple_of_16_within_the_limit(tmp_path, max_side, implicit):
+    s = spec(tmp_path, max_width=max_side, max_height=max_side)
+    assert (s.width, s.height) == (implicit, implicit)
+    spec(tmp_path, family="sd3", max_width=264)  # was refused at every request without a width
+
+
+def _header_only(path: Path, shape: list[int]) -> None:
+    """A safetensors file whose header declares one F16 tensor and holds no data: the
+    estimator reads headers only."""
+    raw = json.dumps({"w": {"dtype": "F16", "shape": shape, "data_offsets": [0, 2 * math.prod(shape)]}}).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+
+
+@pytest.mark.parametrize("sent, status", [({}, 500), ({"width": 520, "height": 512}, 422), ({"width": 512}, 500)])
+def test_an_auto_familys_bad_default_is_the_registrys_fault_not_the_clients(tmp_path, sent, status):
+    """family: auto is known only once estimated (here flux: a 100M-param transformer)."""
+    from router.api import GenerateRequest
+    from router.core import RouterCore, ServiceError
+    from router.settings import IngressSettings
+
+    path = tmp_path / "flux"
+    (path / "transformer").mkdir(parents=True)
+    _header_only(path / "transformer" / "diffusion_pytorch_model.safetensors", [10_000, 10_000])
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                       "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    registry = Registry([spec(path, name="f", default_height=520)])
+    core = RouterCore(types.SimpleNamespace(app_name="app", deployment_name="ModelReplica"), registry, IngressSettings())
+    with pytest.raises(ServiceError) as info:
+        core._prepare(GenerateRequest.model_validate({"checkpoint": "f", "prompt": "p"} | sent))
+    assert info.value.status == status
+    if status == 500:
+        assert info.value.code == "checkpoint_misconfigured"
+        assert "checkpoint 'f': its default height: 520 is not a multiple of 16" in info.value.message
+        assert "set default_height in the registry" in info.value.message
+    else:
+        assert info.value.code == "invalid_request" and "width: 520 is not a multiple of 16" in info.value.message

@@ -76,6 +76,14 @@ def test_deterministic_for_a_fixed_seed(small):
     assert _volatile_free(again) == _volatile_free(small)
 
 
+def test_placement_is_timed_in_wall_and_thread_cpu_time(small):
+    w = small["policies"]["a"]["wall"]
+    assert small["policies"]["a"]["decisions"] > 0 and w["rank_s"] > 0 and w["rank_cpu_s"] > 0
+    # The thread's CPU time within the same intervals cannot exceed them (clock granularity aside).
+    assert w["rank_cpu_s"] <= w["rank_s"] * 1.05 + 1e-3, w
+    assert w["decisions_per_cpu_s"] == pytest.approx(small["policies"]["a"]["decisions"] / w["rank_cpu_s"])
+
+
 def outcome(res: dict, k: str) -> str:
     """Policy ``k``'s simulated outcome, less wall-clock figures."""
     m = {key: v for key, v in strip_private(res)["policies"][k].items() if key not in ("wall", "fast_rank_experiment")}

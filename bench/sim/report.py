@@ -55,6 +55,9 @@ def to_markdown(res: dict[str, Any]) -> str:
     row("placement wall s (FleetIndex.rank)", lambda m: _fmt(m["wall"]["rank_s"]) if m["policy"] != "b" else "n/a")
     row("decisions / wall s in placement", lambda m: (_fmt(m["wall"]["decisions_per_s"], 0)
                                                            if m["policy"] != "b" and m["wall"]["decisions_per_s"] else "n/a"))
+    row("decisions / CPU s in placement (this thread's CPU time)",
+        lambda m: (_fmt(m["wall"]["decisions_per_cpu_s"], 0)
+                   if m["policy"] != "b" and m["wall"].get("decisions_per_cpu_s") else "n/a"))
     row("decisions / wall s incl. view upkeep", lambda m: (_fmt(m["wall"]["decisions_per_s_with_views"], 0)
                                                            if m["policy"] != "b" and m["wall"]["decisions_per_s"] else "n/a"))
     row("simulation wall s", lambda m: _fmt(m["wall"]["sim_s"], 1))

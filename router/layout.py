@@ -1,0 +1,137 @@
+"""Which weight files a diffusers pipeline folder loads: the registry checks them, the estimator reads them.
+
+``from_pretrained`` without a variant loads, per component, exactly one layout, chosen by
+the component's library (``model_index.json``: ``"vae": ["diffusers", "AutoencoderKL"]``):
+
+- diffusers: the shard index ``diffusion_pytorch_model.safetensors.index.json`` when it
+  exists (its ``weight_map`` names the shards), else ``diffusion_pytorch_model.safetensors``;
+- transformers: ``model.safetensors`` when it exists, else the index ``model.safetensors.index.json``.
+
+Other files in the folder are not loaded: a consolidated file left beside shards, a stray
+shard from an older revision, and variant files (``*.fp16.safetensors``, which load only
+with ``variant="fp16"``, which this project does not pass). Counting them would over-
+estimate; accepting a folder that has only them would fail at load time. Components of
+other libraries fall back to every plain (non-variant) ``*.safetensors`` file.
+
+Pure: reads directory listings and small JSON files, never tensor data; imports nothing of
+this project.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# (single file, shard index, whether the index wins when both exist), per library.
+_LAYOUTS: dict[str, tuple[str, str, bool]] = {
+    "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json", True),
+    "transformers": ("model.safetensors", "model.safetensors.index.json", False),
+}
+
+
+class LayoutError(ValueError):
+    """A component's weight files cannot be determined (an unreadable or invalid shard index,
+    a shard it names missing). The message names the file."""
+
+
+@dataclass(frozen=True)
+class ComponentFiles:
+    """What a component folder holds and which of it loads.
+
+    ``files``: the safetensors files ``from_pretrained`` loads, in order (empty: none it
+    would load). ``unused``: other ``*.safetensors`` files in the folder (variants, leftovers),
+    by name, for messages."""
+
+    files: tuple[Path, ...]
+    unused: tuple[str, ...]
+
+
+def is_variant_file(p: Path) -> bool:
+    """``model.fp16.safetensors`` is a variant; ``model-00001-of-00002.safetensors`` is a shard."""
+    return len(p.name.split(".")) > 2
+
+
+def _from_index(index: Path) -> tuple[Path, ...]:
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LayoutError(f"{index.name}: unreadable shard index ({exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LayoutError(f"{index.name}: shard index without a weight_map of tensor -> file names")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):  # unique, in first-mention order
+        p = index.parent / name
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise LayoutError(f"{index.name}: weight_map names {name!r}, not a .safetensors file in this folder")
+        if not _checked(p).is_file():
+            raise LayoutError(f"{index.name}: shard {name} is missing")
+        files.append(p)
+    return tuple(files)
+
+
+def _checked(p: Path) -> Path:
+    if p.is_symlink() and not p.exists():  # a Hugging Face cache link whose blob was deleted
+        raise LayoutError(f"{p.name}: a link to a missing file ({p.resolve()})")
+    return p
+
+
+def component_files(folder: Path, library: str) -> ComponentFiles:
+    """The safetensors files ``from_pretrained`` (no variant) loads from component ``folder``
+    of ``library`` (see the module docstring). Raises :class:`LayoutError` for a broken
+    shard index; a folder with nothing it would load gives empty ``files``."""
+    present = sorted(folder.glob("*.safetensors"))
+    layout = _LAYOUTS.get(library)
+    if layout is None:
+        files: tuple[Path, ...] = tuple(p for p in present if not is_variant_file(p))
+    else:
+        single, index, index_wins = _checked(folder / layout[0]), _checked(folder / layout[1]), layout[2]
+        if index.is_file() and (index_wins or not single.is_file()):
+            files = _from_index(index)
+        elif single.is_file():
+            files = (single,)
+        else:
+            files = ()
+    chosen = set(files)
+    return ComponentFiles(files, tuple(p.name for p in present if p not in chosen))
+
+
+def pipeline_weight_files(path: Path, model_index: dict) -> dict[str, tuple[Path, ...]]:
+    """Per component of ``model_index`` (``model_index.json`` of the pipeline folder ``path``)
+    that has weights, the files ``from_pretrained`` loads. Raises :class:`LayoutError`,
+    naming the component, for what would fail at load time: a listed component without its
+    folder, a model component (its folder has a ``config.json``; tokenizers and schedulers
+    have other config names) without the weights it loads (only pickles, only variants, a
+    broken link or shard index, none). Components listed as ``[null, null]`` are skipped."""
+    out: dict[str, tuple[Path, ...]] = {}
+    for comp, value in model_index.items():
+        if comp.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
+            continue
+        folder = path / comp
+        if not folder.is_dir():
+            raise LayoutError(f"component {comp!r} is listed in model_index.json but has no folder {folder}")
+        try:
+            found = component_files(folder, str(value[0]))
+        except LayoutError as exc:
+            raise LayoutError(f"component {comp!r}: {exc}") from None
+        if found.files:
+            out[comp] = found.files
+            continue
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not found.unused:
+            raise LayoutError(
+                f"component {comp!r} has only pickle weights ({', '.join(pickles)}); pickle files can execute "
+                "code when loaded, so only safetensors are accepted. Convert them with safetensors first.")
+        if found.unused:
+            raise LayoutError(
+                f"component {comp!r} has safetensors files that from_pretrained does not load without a variant "
+                f"({', '.join(found.unused)}); variant files (*.fp16.safetensors) are not loaded: save or "
+                "download the plain files (diffusion_pytorch_model.safetensors, model.safetensors, or their "
+                "shard index)")
+        if (folder / "config.json").is_file():
+            raise LayoutError(f"component {comp!r} has a config.json but no safetensors weights")
+    if not out:
+        raise LayoutError(f"no safetensors weights found under {path}")
+    return out
