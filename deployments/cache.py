@@ -279,23 +279,27 @@ class PipelineCache:
                 if self._entries.get(e.name) is e:
                     e.busy = False
 
-    def _move_off_device(self, victims: list[_Entry], *, evicting: bool) -> None:
-        """Offload each claimed victim to host (LRU host entries released for room) or release it.
+    def _move_off_device(self, victims: list[_Entry], *, evicting: bool) -> list[tuple[str, str]]:
+        """Offload each claimed victim to host (LRU host entries released for room) or release
+        it; returns what was done, in order: (name, "offload" or "release"), host entries
+        released for room included.
 
         On a backend error the victims not yet moved, and the failing one (still counted on
         the device), are unclaimed before it propagates.
         """
+        done: list[tuple[str, str]] = []
         for i, v in enumerate(victims):
             host_victims: list[_Entry] = []
             try:
-                self._move_one_off(v, host_victims, evicting)
+                self._move_one_off(v, host_victims, evicting, done)
             except BaseException:
                 self._unclaim(host_victims + victims[i:])
                 raise
+        return done
 
-    def _move_one_off(self, v: _Entry, host_victims: list[_Entry], evicting: bool) -> None:
+    def _move_one_off(self, v: _Entry, host_victims: list[_Entry], evicting: bool, done: list[tuple[str, str]]) -> None:
         """Move claimed ``v`` off the device; ``host_victims`` is filled with the host entries
-        claimed for its room and emptied as they are dropped."""
+        claimed for its room and emptied as they are dropped; ``done`` gets each move."""
         with self._lock:
             to_host = self.config.host_tier and v.offloadable
             if to_host:
@@ -313,14 +317,18 @@ class PipelineCache:
             if evicting:
                 self._counters.evictions += 1
         while host_victims:
-            self._drop(host_victims.pop(0))  # out of the books before its free runs
+            h = host_victims.pop(0)
+            self._drop(h)  # out of the books before its free runs
+            done.append((h.name, "release"))
         if to_host:
             self._backend.to_host(v.obj)
             with self._lock:
                 v.tier, v.busy = Tier.HOST, False
                 self._counters.offloads += 1
+            done.append((v.name, "offload"))
         else:
             self._drop(v)
+            done.append((v.name, "release"))
 
     def _drop(self, e: _Entry) -> None:
         """Remove ``e`` from the books and free it; its device bytes count until freed."""
@@ -481,9 +489,13 @@ class PipelineCache:
     def tick(self) -> list[tuple[str, str]]:
         """Apply idle timeouts; returns the (checkpoint, action) pairs taken, in order.
 
-        DEVICE entries idle >= ``idle_offload_s`` go to HOST (when there is a host tier and
-        the entry is offloadable); any entry idle >= ``idle_release_s`` is released. Skips
-        the round (returns []) when a load or move is under way.
+        Any entry idle >= ``idle_release_s`` is released first; then DEVICE entries idle >=
+        ``idle_offload_s`` go to HOST (when there is a host tier and the entry is
+        offloadable), releasing LRU host entries for room, or are released when the host
+        tier cannot hold them. Releases first, so that their host room counts for the
+        offloads (entries claimed for release are no host victims, yet still counted as host
+        bytes). The pairs say what each move did: ("x", "release") for an offload that found
+        no room. Skips the round (returns []) when a load or move is under way.
         """
         if not self._io.acquire(blocking=False):
             return []
@@ -497,14 +509,12 @@ class PipelineCache:
                     if cfg.host_tier and e.offloadable and e not in release and now - e.last_used_s >= cfg.idle_offload_s
                 ]
                 self._claim(release + offload)
-            actions = [(e.name, "offload") for e in offload] + [(e.name, "release") for e in release]
             try:
-                self._move_off_device(offload, evicting=False)
+                self._release_entries(release)
             except BaseException:
-                self._unclaim(release)
+                self._unclaim(offload)
                 raise
-            self._release_entries(release)
-            return actions
+            return [(e.name, "release") for e in release] + self._move_off_device(offload, evicting=False)
         finally:
             self._io.release()
 

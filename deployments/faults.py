@@ -42,10 +42,15 @@ class Fault:
             raise ValueError(f"site must be one of {SITES}, got {self.site!r}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.times < 1:
-            raise ValueError(f"times must be >= 1, got {self.times}")
+        # Kinds first: a float times (1.5) never counted down to 0 and fired forever.
+        if not isinstance(self.times, int) or isinstance(self.times, bool) or self.times < 1:
+            raise ValueError(f"times must be an integer >= 1, got {self.times!r}")
+        if not isinstance(self.delay_s, (int, float)) or isinstance(self.delay_s, bool):
+            raise ValueError(f"delay_s must be a number of seconds, got {self.delay_s!r}")
         if self.kind == "delay" and not 0 < self.delay_s <= 600:
             raise ValueError(f"delay_s must be in (0, 600] for a delay fault, got {self.delay_s}")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, str):
+            raise ValueError(f"checkpoint must be a checkpoint name or null, got {self.checkpoint!r}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Fault":
@@ -87,7 +92,7 @@ class FaultInjector:
                 fault, remaining = slot
                 if fault.site == site and fault.checkpoint in (None, checkpoint):
                     slot[1] = remaining - 1
-                    if slot[1] == 0:
+                    if slot[1] <= 0:
                         self._armed.remove(slot)
                     self._fired[f"{site}:{fault.kind}"] += 1
                     return fault

@@ -10,6 +10,7 @@ the ingress maps them to HTTP statuses without depending on how Ray wraps except
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import io
@@ -149,8 +150,6 @@ class ModelReplica:
         the pipeline, so a request given up on while it queued for the run slot costs
         neither. Caveat: a pipeline already running finishes.
         """
-        import asyncio
-
         cancelled = threading.Event()
         try:
             return await asyncio.get_running_loop().run_in_executor(None, self._generate_sync, request, cancelled)
@@ -318,12 +317,14 @@ class ModelReplica:
         return rep
 
     async def offload(self, checkpoint: str | None = None, _target_replica: str | None = None) -> dict[str, Any]:
-        names = self.cache.offload(checkpoint)
+        # In a worker thread: the cache waits behind a load in progress (its I/O lock), and on
+        # this event loop that wait would stop reports, report() and new requests for as long.
+        names = await asyncio.to_thread(self.cache.offload, checkpoint)
         self._sample("admin-offload")
         return {"replica": self.replica_id, "offloaded": names}
 
     async def release(self, checkpoint: str | None = None, _target_replica: str | None = None) -> dict[str, Any]:
-        names = self.cache.release(checkpoint)
+        names = await asyncio.to_thread(self.cache.release, checkpoint)  # as offload: off this loop
         self._sample("admin-release")
         return {"replica": self.replica_id, "released": names}
 

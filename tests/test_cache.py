@@ -226,9 +226,44 @@ def test_a_failed_offload_in_tick_leaves_its_releases_usable():
     clock.advance(15)  # c past offload only
     backend.fail_to_host.add("c")
     with pytest.raises(RuntimeError, match="injected to_host"):
-        cache.tick()
+        cache.tick()  # the releases ran first
     assert not any(e.busy for e in cache._entries.values())
-    assert cache.tick() == [("c", "offload"), ("a", "release"), ("b", "release")]
+    assert tiers(cache) == {"c": "device"}
+    backend.fail_to_host.clear()
+    assert cache.tick() == [("c", "offload")]
+
+
+def test_tick_releases_before_it_offloads_so_the_released_host_room_counts():
+    """a (host) is due for release, b (device) for offload into a host tier a fills: b goes
+    to host in a's room. Offloads ran first: b found no room (a still counted, yet claimed),
+    was freed and reported as offloaded."""
+    cache, backend, clock = make(host=30, offload_s=10, release_s=100)
+    use(cache, clock, "a")
+    cache.offload("a")
+    clock.advance(94)
+    use(cache, clock, "b")
+    clock.advance(9)  # a idle 104 s, b idle 10 s
+    assert cache.tick() == [("a", "release"), ("b", "offload")]
+    assert tiers(cache) == {"b": "host"}
+    assert [c for c in backend.calls[-2:]] == [("free", "a"), ("to_host", "b")]
+    assert cache.report().counters["host_full_releases"] == 0
+
+
+def test_tick_reports_the_host_entries_an_offload_released_and_an_offload_that_found_no_room():
+    cache, backend, clock = make(host=60, offload_s=10, release_s=100)
+    use(cache, clock, "a")
+    cache.offload("a")  # a on host, the LRU host entry
+    use(cache, clock, "c")
+    cache.offload("c")  # c on host; the host tier is full
+    use(cache, clock, "b")
+    clock.advance(9)  # b idle 10 s: due for offload; a and c are not due for release
+    assert cache.tick() == [("a", "release"), ("b", "offload")]  # a made room, and says so
+    assert tiers(cache) == {"c": "host", "b": "host"}
+    cache2, backend2, clock2 = make(host=0, offload_s=10, release_s=100)
+    use(cache2, clock2, "a")
+    clock2.advance(9)
+    assert cache2.tick() == [("a", "release")]  # no host room: freed, and said so
+    assert cache2.report().counters["host_full_releases"] == 1
 
 
 def test_load_failure_leaves_nothing_behind():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,10 @@ def test_faults_are_consumed_in_order_per_site_and_checkpoint():
     ({"site": "load", "kind": "delay"}, "delay_s"),
     ({"site": "load", "kind": "delay", "delay_s": 601}, "delay_s"),
     ({"site": "load", "kind": "oom", "path": "/x"}, "path"),
+    ({"site": "load", "kind": "oom", "times": 1.5}, "times must be an integer"),  # never counted down to 0
+    ({"site": "load", "kind": "oom", "times": True}, "times must be an integer"),
+    ({"site": "load", "kind": "delay", "delay_s": True}, "delay_s must be a number"),
+    ({"site": "load", "kind": "oom", "checkpoint": 7}, "checkpoint must be a checkpoint name"),
 ])
 def test_fault_misuse_names_the_parameter(raw, field):
     with pytest.raises(ValueError, match=field):
@@ -346,6 +351,32 @@ def test_report_seq_moves_with_the_replicas_state_not_with_time(replica):
     assert after_hit > first["report_seq"]
     replica.cache.offload("demo-xs")  # the entry moves to host
     assert replica.memory_report()["report_seq"] > after_hit
+
+
+def test_admin_offload_and_release_wait_for_a_load_off_the_replicas_event_loop(replica):
+    """Both wait behind a load in progress (the cache's I/O lock); on the replica's loop that
+    wait stopped report() and every other coroutine for the rest of the load."""
+    import asyncio
+
+    assert replica._generate_sync(_request("demo-xs"))["status"] == 200
+
+    io = replica.cache._io
+    io.acquire()  # as a load in progress holds it, for 3 s (a thread lets go: on the old code the loop itself blocked)
+    threading.Timer(3.0, io.release).start()
+
+    async def admin_during_a_load() -> tuple[bool, dict, dict]:
+        offload = asyncio.ensure_future(replica.offload("demo-xs"))
+        release = asyncio.ensure_future(replica.release())
+        await asyncio.sleep(0)  # both admin calls have started
+        report = await replica.report()
+        waiting = not offload.done() and not release.done()  # report() did not wait for the "load"
+        return waiting and report["replica_id"] == replica.replica_id, await offload, await release
+
+    answered_while_waiting, offloaded, released = asyncio.run(admin_during_a_load())
+    assert answered_while_waiting
+    # Whichever ran first took the entry (the cpu profile has no host tier: an offload frees).
+    assert offloaded["offloaded"] + released["released"] == ["demo-xs"]
+    assert replica.memory_report()["entries"] == []
 
 
 def test_replica_names_a_broken_checkpoint_by_its_registry_name_only(demo_dir, tmp_path):
