@@ -1,9 +1,10 @@
 """Memory estimates before load: weights from safetensors headers, workspace from a table.
 
 Header-only: a safetensors file starts with an 8-byte little-endian header length and a JSON
-header giving every tensor's dtype and shape. We read exactly those bytes and never the data
-section, so a checkpoint's estimate costs a few KB of I/O and works on a file whose data is
-truncated (``safetensors.safe_open`` refuses such a file: it validates the data length too).
+header giving every tensor's dtype, shape and data offsets. We read exactly those bytes and
+never the data section, so a checkpoint's estimate costs a few KB of I/O. A file shorter than
+its header declares (a copy or download cut short) is refused here, by its size alone: else
+a replica would evict for it before its load failed.
 
 Caveats, stated in every :class:`MemoryEstimate`'s ``assumptions``:
 - Floating-point tensors are counted at the target dtype; integer/bool tensors keep their size.
@@ -154,7 +155,9 @@ class MemoryEstimate:
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
-    """Tensor names, dtypes and shapes from a safetensors header; reads no tensor data."""
+    """Tensor names, dtypes and shapes from a safetensors header; reads no tensor data.
+    Raises EstimateError for a corrupt header and for a file shorter than the header's data
+    offsets declare (truncated)."""
     try:
         with open(path, "rb") as f:
             prefix = f.read(8)
@@ -164,6 +167,7 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             if n == 0 or n > MAX_HEADER_BYTES:
                 raise EstimateError(f"{path.name}: header length {n} is out of range (corrupt safetensors file)")
             raw = f.read(n)
+            file_bytes = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise EstimateError(f"{path.name}: cannot read ({exc.strerror})") from None
     if len(raw) != n:
@@ -175,18 +179,27 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     if not isinstance(header, dict):
         raise EstimateError(f"{path.name}: header is not a JSON object")
     tensors = []
+    data_end = 0
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         if not isinstance(meta, dict):
             raise EstimateError(f"{path.name}: tensor {name!r}: entry is not an object")
-        dtype, shape = meta.get("dtype"), meta.get("shape")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise EstimateError(f"{path.name}: tensor {name!r}: unsupported dtype {dtype!r}")
         # bool is an int in Python, not a dimension in JSON.
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise EstimateError(f"{path.name}: tensor {name!r}: invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise EstimateError(f"{path.name}: tensor {name!r}: invalid data_offsets {offsets!r}")
+        data_end = max(data_end, offsets[1])
         tensors.append(TensorInfo(name, dtype, tuple(shape)))
+    declared = 8 + n + data_end
+    if file_bytes < declared:
+        raise EstimateError(f"{path.name}: truncated: its header declares {declared} bytes, the file has "
+                            f"{file_bytes} (a copy or download cut short?)")
     return tensors
 
 

@@ -72,14 +72,19 @@ def test_int8_and_nf4_apply_to_denoiser_linear_weights_only(tmp_path):
     assert any("bitsandbytes int8" in a for a in int8.assumptions)
 
 
-def test_truncated_data_section_estimates_the_same(tmp_path):
+def test_a_truncated_data_section_is_refused_by_size_without_reading_it(tmp_path):
+    """Header intact, data cut short: refused before any replica evicts for its load (it
+    used to be estimated, then evicted for, then fail to load on every retry)."""
     path = make_folder(tmp_path)
-    before = Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
     f = path / "unet" / "diffusion_pytorch_model.safetensors"
-    (n,) = __import__("struct").unpack("<Q", f.read_bytes()[:8])
-    f.write_bytes(f.read_bytes()[: 8 + n + 3])  # header intact, data section cut to 3 bytes
-    after = Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
-    assert after.weights_bytes == before.weights_bytes
+    whole = f.read_bytes()
+    (n,) = __import__("struct").unpack("<Q", whole[:8])
+    f.write_bytes(whole[: 8 + n + 3])  # header intact, data section cut to 3 bytes
+    with pytest.raises(EstimateError, match=rf"checkpoint 'ckpt': unet/diffusion_pytorch_model\.safetensors: truncated: "
+                                            rf"its header declares {len(whole)} bytes, the file has {8 + n + 3}"):
+        Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
+    f.write_bytes(whole + b"\0" * 5)  # longer than declared is not refused here (safe_open judges that)
+    Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
 
 
 @pytest.mark.parametrize("payload, match", [
@@ -92,6 +97,9 @@ def test_truncated_data_section_estimates_the_same(tmp_path):
     ((38).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [-1]}}', "invalid shape"),
     ((41).to_bytes(8, "little") + b'{"t": {"dtype": ["F32"], "shape": [1]}}  ', "unsupported dtype"),
     ((42).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [true]}}  ', "invalid shape"),
+    ((37).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [1]}}', "invalid data_offsets None"),
+    ((61).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}',
+     r"invalid data_offsets \[4, 0\]"),
 ])
 def test_corrupt_headers_are_typed_errors(tmp_path, payload, match):
     f = tmp_path / "x.safetensors"
@@ -516,10 +524,11 @@ def test_the_implicit_default_side_is_a_multiple_of_16_within_the_limit(tmp_path
 
 
 def _header_only(path: Path, shape: list[int]) -> None:
-    """A safetensors file whose header declares one F16 tensor and holds no data: the
-    estimator reads headers only."""
+    """A safetensors file with one F16 tensor whose data is a hole (sparse: no blocks written)."""
     raw = json.dumps({"w": {"dtype": "F16", "shape": shape, "data_offsets": [0, 2 * math.prod(shape)]}}).encode()
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + 2 * math.prod(shape))
 
 
 @pytest.mark.parametrize("sent, status", [({}, 500), ({"width": 520, "height": 512}, 422), ({"width": 512}, 500)])

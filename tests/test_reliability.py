@@ -2,8 +2,8 @@
 
 One cluster for the module, two applications in it:
 - ``memrouter`` (route ``/``): 2 CPU replicas, a registry of 6 good checkpoints (the demo
-  four plus two more names for demo folders) and 2 broken ones (a truncated and a corrupt
-  safetensors file), the fault-injection test seam on (deployments/faults.py), the admin
+  four plus two more names for demo folders) and 3 broken ones (a truncated and a corrupt
+  safetensors file, a UNet config.json that is not JSON), the fault-injection test seam on (deployments/faults.py), the admin
   token set;
 - ``notoken`` (route ``/notoken``): 1 replica, its admin token env var unset (admin off).
 
@@ -42,13 +42,17 @@ def _registry(tmp: Path) -> list[dict[str, Any]]:
     ensure_demo_checkpoints()
     entries = {e["name"]: e for e in demo_registry_entries()}
     extra = [dict(entries["demo-xs"], name="demo-xs-b"), dict(entries["demo-s"], name="demo-s-b")]
-    # Broken copies of demo-xs: the UNet's data cut in half (header intact: the estimate
-    # succeeds and the load fails), and a header that is not a safetensors header at all.
-    for name, damage in (("demo-trunc", lambda b: b[: len(b) // 2]), ("demo-badheader", lambda b: b"garbage!" * 4)):
+    # Broken copies of demo-xs: the UNet's data cut in half (header intact: refused by its
+    # size before any replica call), a header that is not a safetensors header at all, and a
+    # UNet config.json that is not JSON (weights intact: the estimate succeeds, the load fails).
+    for name, file, damage in (
+            ("demo-trunc", "diffusion_pytorch_model.safetensors", lambda b: b[: len(b) // 2]),
+            ("demo-badheader", "diffusion_pytorch_model.safetensors", lambda b: b"garbage!" * 4),
+            ("demo-badconfig", "config.json", lambda b: b"{not json")):
         folder = tmp / f"folder-of-{name}"
         shutil.copytree(entries["demo-xs"]["path"], folder)
-        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-        weights.write_bytes(damage(weights.read_bytes()))
+        damaged = folder / "unet" / file
+        damaged.write_bytes(damage(damaged.read_bytes()))
         extra.append(dict(entries["demo-xs"], name=name, path=str(folder)))
     return [*entries.values(), *extra]
 
@@ -436,24 +440,27 @@ def test_an_http_client_that_goes_away_cancels_the_replica_call(app, client):
     assert all(r["in_flight"] == 0 for r in fresh_reports(client, time.time()).values())
 
 
-def test_truncated_safetensors_answers_a_clear_error_and_others_keep_serving(app, client):
+def test_broken_checkpoints_answer_a_clear_error_and_others_keep_serving(app, client):
     assert post(client, "demo-s").status_code == 200
     before = fresh_reports(client, time.time())
-    r = post(client, "demo-trunc")
-    err = assert_error(r, 500, "checkpoint_load_failed", "'demo-trunc'")
+    r = post(client, "demo-trunc")  # refused by its file size at the ingress: no replica evicts for it
+    err = assert_error(r, 500, "checkpoint_unreadable", "'demo-trunc'", "unet/", "truncated")
     assert not any(p in r.text for p in host_paths(app)), err
     bad = post(client, "demo-badheader")
     err2 = assert_error(bad, 500, "checkpoint_unreadable", "'demo-badheader'", "unet/")
     assert not any(p in bad.text for p in host_paths(app)), err2
+    cfg = post(client, "demo-badconfig")  # estimated fine; its load fails on the replica
+    err3 = assert_error(cfg, 500, "checkpoint_load_failed", "'demo-badconfig'")
+    assert not any(p in cfg.text for p in host_paths(app)), err3
     assert post(client, "demo-s", seed=3).status_code == 200
     assert post(client, "demo-xs").status_code == 200
     after = fresh_reports(client, time.time())
-    assert total(after, "load_failures") == total(before, "load_failures") + 1
+    assert total(after, "load_failures") == total(before, "load_failures") + 1  # demo-badconfig's only
     names = {e["name"] for rep in after.values() for e in rep["entries"]}
     assert names == {"demo-s", "demo-xs"}, "nothing of a failed load stays resident"
     assert all(rep["leaked_modules"] == 0 for rep in after.values())
     listed = [c["name"] for c in client.get("/v1/checkpoints").json()]
-    assert "demo-badheader" not in listed and set(GOOD) <= set(listed)
+    assert "demo-badheader" not in listed and "demo-trunc" not in listed and set(GOOD) <= set(listed)
 
 
 # ---- security --------------------------------------------------------------------------------

@@ -386,8 +386,7 @@ def test_replica_names_a_broken_checkpoint_by_its_registry_name_only(demo_dir, t
     root = next(iter(demo_dir.values())).parent
     entries = demo_registry_entries(root)
     folder = Path(shutil.copytree(demo_dir["demo-xs"], tmp_path / "some-folder"))
-    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (folder / "unet" / "config.json").write_text("{not json")  # weights intact: estimated, then fails to load
     rep = ModelReplica({"registry": [*entries, dict(entries[0], name="broken", path=str(folder))],
                         "replica": {"profile": "cpu", "cpu_budget_bytes": 140_000_000}})
     try:
