@@ -73,7 +73,15 @@ class Ledger:
         ``call`` identifies one call across its retries; ``request_id`` (default: ``call``)
         is what :meth:`completed` will name. They differ under Ray: its completion callback
         names only the request id, which every call made while serving one request shares
-        (a fan-out), so concurrent calls need their own keys here."""
+        (a fan-out), so concurrent calls need their own keys here.
+
+        A replica that answers at once can complete a call before its acceptance is
+        recorded (Ray runs the completion callback while it still awaits the acceptance):
+        accepted where its tentative record already completed, the call stays completed;
+        recorded as running, nothing would end it but ``max_age_s`` (10 min of a phantom
+        request in use). Caveat: the completion of an attempt the same replica rejected
+        looks the same, so a call accepted there on a retry that did not renew its
+        tentative record shows finished until the replica's next report."""
         old = self._where.get(call)
         if old is not None and old != replica_id:
             placed = self._by_replica.get(old)
@@ -81,8 +89,11 @@ class Ledger:
                 placed.pop(call, None)
                 self._touch(old)
         self._where[call] = replica_id
-        self._by_replica.setdefault(replica_id, {})[call] = _Placed(
-            replica_id, checkpoint, weights_bytes, now_s, None, tentative, call if request_id is None else request_id)
+        here = self._by_replica.setdefault(replica_id, {})
+        prev = here.get(call)
+        done_s = prev.completed_s if prev is not None and prev.tentative and not tentative else None
+        here[call] = _Placed(replica_id, checkpoint, weights_bytes, now_s, done_s, tentative,
+                             call if request_id is None else request_id)
         self._touch(replica_id)
 
     def completed(self, request_id: Hashable, replica_id: str, *, now_s: float) -> None:
@@ -104,9 +115,12 @@ class Ledger:
             self._touch(replica_id)
 
     def replica_gone(self, replica_id: str) -> None:
+        """Forget ``replica_id``: its placements and its version (touched once more first, so
+        that :meth:`touched_since` names it)."""
         for request_id in self._by_replica.pop(replica_id, {}):
             self._where.pop(request_id, None)
         self._touch(replica_id)
+        del self._versions[replica_id]
 
     def report_arrived(self, replica_id: str, report_s: float, *, max_age_s: float = 600.0,
                        tentative_max_age_s: float = 30.0) -> None:

@@ -122,7 +122,12 @@ class MemoryAwareRequestRouter(RequestRouter):
 
     # ---- Ray hooks ---------------------------------------------------------------------------
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        before = {r.unique_id for r in self.curr_replicas}
         super().update_replicas(replicas)
+        # A replica Ray removed without its actor dying (downscale, redeploy, rolling update)
+        # gets no on_replica_actor_died: its ledger records would stay forever.
+        for rid in before - {r.replica_id.unique_id for r in replicas}:
+            self._ledger.replica_gone(rid)
         reports = {}
         for r in replicas:
             stats = r.routing_stats

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from router.ledger import Ledger
@@ -325,8 +327,62 @@ def test_ledger_version_changes_only_with_that_replicas_placements():
     assert ledger.version("b") > vb and len(ledger) == 0
     ledger.routed("2", "b", "y", weights_bytes=10, now_s=4.0)
     vb = ledger.version("b")
+    mark = ledger.mark()
     ledger.replica_gone("b")
-    assert ledger.version("b") > vb and len(ledger) == 0 and ledger.pending("b") == []
+    assert ledger.version("b") != vb and len(ledger) == 0 and ledger.pending("b") == []
+    assert "b" not in ledger.versions and ledger.touched_since(mark) == ["b"]  # forgotten, and said so
+
+
+def test_a_call_completed_before_its_acceptance_is_recorded_stays_completed():
+    """Ray runs the completion callback while it still awaits the acceptance: a replica that
+    answers at once (a 503, a 413) completes the call before on_request_routed. Recorded
+    as running, it showed the checkpoint in use there for max_age_s (10 min)."""
+    ledger = Ledger()
+    ledger.routed("c1", "a", "x", weights_bytes=40, now_s=1.0, tentative=True, request_id="r1")  # choose_replicas
+    ledger.completed("r1", "a", now_s=1.001)  # the answer came back first
+    ledger.routed("c1", "a", "x", weights_bytes=40, now_s=1.002, request_id="r1")  # on_request_routed
+    assert ledger.pending("a") == [("x", 0)]
+    assert ledger.overlay(view("a")).entries["x"].in_use == 0
+    ledger.report_arrived("a", 2.0)  # the next report forgets it, as any completed call
+    assert len(ledger) == 0
+    # A running call accepted after an ordinary pick stays running; one moved elsewhere too.
+    ledger.routed("c2", "a", "x", weights_bytes=40, now_s=3.0, tentative=True, request_id="r2")
+    ledger.routed("c2", "a", "x", weights_bytes=40, now_s=3.1, request_id="r2")
+    ledger.routed("c3", "a", "y", weights_bytes=40, now_s=3.0, tentative=True, request_id="r3")
+    ledger.completed("r3", "a", now_s=3.05)  # the rejected attempt's completion...
+    ledger.routed("c3", "b", "y", weights_bytes=40, now_s=3.2, request_id="r3")  # ...accepted on b
+    assert ledger.pending("a") == [("x", 1)] and ledger.pending("b") == [("y", 1)]
+
+
+def test_a_replica_ray_removes_without_its_actor_dying_is_forgotten_by_the_ledger():
+    """Downscale, redeploy, rolling update: update_replicas drops the replica and Ray calls
+    no on_replica_actor_died; its ledger records stayed forever."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
+
+    from router.request_router import MemoryAwareRequestRouter
+
+    dep = DeploymentID(name="ModelReplica", app_name="ledger-test")
+
+    class Replica:
+        max_ongoing_requests = 8
+
+        def __init__(self, uid):
+            self.replica_id = ReplicaID(uid, dep)
+            self.routing_stats = _report(100) | {"timestamp_s": 1.0, "report_seq": 1}
+
+    async def run() -> Ledger:  # Ray's constructor wants the router's event loop
+        router = MemoryAwareRequestRouter(dep, DeploymentHandleSource.UNKNOWN)
+        router.initialize_state()
+        kept = Replica("kept")
+        router.update_replicas([Replica("old"), kept])
+        router._ledger.routed("c1", "old", "x", weights_bytes=40, now_s=5.0)
+        router._ledger.routed("c2", "kept", "x", weights_bytes=40, now_s=5.0)
+        router.update_replicas([kept, Replica("new")])
+        return router._ledger
+
+    ledger = asyncio.run(run())
+    assert ledger.pending("old") == [] and "old" not in ledger.versions
+    assert ledger.pending("kept") == [("x", 1)] and len(ledger) == 1
 
 
 class _FakeReplicaID:
