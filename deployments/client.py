@@ -31,7 +31,7 @@ import ray
 from ray import serve
 
 from deployments.config import AppConfig
-from router.api import GenerateRequest, GenerateResponse
+from router.api import GenerateRequest, GenerateResponse, validated
 from router.core import REPLICA_DEPLOYMENT, RouterCore, ServiceError
 
 __all__ = ["LocalRouter", "ServiceError"]
@@ -58,18 +58,16 @@ class LocalRouter:
                                 cfg.load_registry(), cfg.ingress)
 
     async def generate_async(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
-        """Generate in the running event loop; ``request`` as for POST /v1/generate."""
-        if not isinstance(request, GenerateRequest):
-            request = GenerateRequest.model_validate(request)
-        return await self._core.generate(request)
+        """Generate in the running event loop; ``request`` as for POST /v1/generate (a
+        pydantic ValidationError names a bad field)."""
+        return await self._core.generate(validated(request))
 
     def generate(self, request: GenerateRequest | dict[str, Any]) -> GenerateResponse:
         """Generate from synchronous code: blocks on the replica's answer (inside a running
         event loop, await :meth:`generate_async` instead; Ray refuses the blocking call there).
-        A pydantic ValidationError names a bad field."""
-        if not isinstance(request, GenerateRequest):
-            request = GenerateRequest.model_validate(request)
-        return self._core.generate_sync(request)
+        A pydantic ValidationError names a bad field; a GenerateRequest is checked again, as
+        a dict is (router.api.validated)."""
+        return self._core.generate_sync(validated(request))
 
     def close(self) -> None:
         """Stop this process's request router for the app (its thread and its report

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from router import profiles
 from router.registry import Registry
-from router.settings import IngressSettings
+from router.settings import IngressSettings, queue_bound
 
 
 class ReplicaSettings(BaseModel):
@@ -53,6 +53,11 @@ class ReplicaSettings(BaseModel):
         default=False,
         description="TEST SEAM (deployments/faults.py): lets ModelReplica.inject_faults arm injected out-of-memory "
                     "errors and delays. Off by default; never enable it in production configs.")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, v: int) -> int:
+        return queue_bound(v)
 
     @field_validator("profile")
     @classmethod

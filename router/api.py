@@ -68,6 +68,28 @@ class ResolvedRequest(BaseModel):
     num_images: int
 
 
+def validated(request: "GenerateRequest | dict") -> "GenerateRequest":
+    """``request`` checked against every field rule, whatever it is: a dict, or a
+    GenerateRequest, which is re-validated from its fields, since pydantic skips validation
+    on ``model_copy(update=...)`` and attribute assignment (``num_images=0`` or a NaN
+    guidance would get past every rule). Raises pydantic's ValidationError."""
+    if isinstance(request, GenerateRequest):
+        request = request.model_dump(warnings=False)
+    return GenerateRequest.model_validate(request)
+
+
+def field_of(err: dict) -> str:
+    """The dotted field a pydantic error is about (``body`` for the whole body)."""
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    return ".".join(loc) or "body"
+
+
+def problems_message(errors: list[dict]) -> str:
+    """pydantic errors as one message naming each field and its rule, never echoing the
+    input (pydantic's ``msg`` does not): what a 422 ``invalid_request`` says."""
+    return "; ".join(f"{field_of(e)}: {e.get('msg', 'invalid')}" for e in errors[:10])
+
+
 class RequestLimitError(ValueError):
     """A field exceeds the checkpoint's registry limits; ``field`` names it."""
 

@@ -30,8 +30,11 @@ from router.settings import IngressSettings
 log = logging.getLogger("memrouter.router")
 
 REPLICA_DEPLOYMENT = "ModelReplica"  # the replica deployment's name in the app (deployments/app.py)
+# Timeouts: asyncio's wait_for raises asyncio.TimeoutError, the built-in only from Python
+# 3.11 on; on 3.10 it was neither caught (a 500, the replica call not cancelled) nor mapped.
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 # What a replica call can fail with, besides an error answer (see RouterCore._failure).
-_CALL_ERRORS = (TimeoutError, BackPressureError, RayTaskError, RayActorError, DeploymentUnavailableError)
+_CALL_ERRORS = (*_TIMEOUTS, BackPressureError, RayTaskError, RayActorError, DeploymentUnavailableError)
 
 
 class ServiceError(Exception):
@@ -180,7 +183,7 @@ class RouterCore:
         except asyncio.CancelledError:
             response.cancel()
             raise
-        except TimeoutError as exc:
+        except _TIMEOUTS as exc:
             _cancel_on_our_timeout(exc, response)
             raise
 
@@ -189,7 +192,7 @@ class RouterCore:
         the call on our timeout in the same way."""
         try:
             return response.result(timeout_s=self.settings.request_timeout_s)
-        except TimeoutError as exc:
+        except _TIMEOUTS as exc:
             _cancel_on_our_timeout(exc, response)
             raise
 
@@ -238,7 +241,7 @@ class RouterCore:
         if isinstance(exc, RayTaskError):  # a bug in replica code: not the client's fault, not transient
             log.error("replica raised: %s", exc)
             return ServiceError(500, "internal_error", "the replica failed while serving the request")
-        if isinstance(exc, TimeoutError):  # asyncio's and the handle's result() timeout alike
+        if isinstance(exc, _TIMEOUTS):  # asyncio's and the handle's result() timeout alike
             return ServiceError(504, "timeout", f"no answer within {self.settings.request_timeout_s} s")
         if isinstance(exc, BackPressureError):
             return ServiceError(503, "overloaded", "too many requests queued; retry later", 1)

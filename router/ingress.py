@@ -19,13 +19,15 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.api import AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse
+from router.api import (AdminRequest, CheckpointInfo, ErrorResponse, GenerateRequest, GenerateResponse, problems_message,
+                        validated)
 from router.core import RouterCore, ServiceError, remote_as_own_request
 from router.estimator import EstimateError
 from router.registry import Dtype, Registry
@@ -141,11 +143,6 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def _field_of(err: dict[str, Any]) -> str:
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    return ".".join(loc) or "body"
-
-
 app = FastAPI(
     title="memrouter",
     version="0.1.0",
@@ -159,9 +156,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return error_json(400, "malformed_json", "body: malformed JSON")
-    # Messages name the field and the rule, never echo the input (pydantic's msg does not).
-    problems = [f"{_field_of(e)}: {e.get('msg', 'invalid')}" for e in errors[:10]]
-    return error_json(422, "invalid_request", "; ".join(problems))
+    return error_json(422, "invalid_request", problems_message(errors))
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -214,9 +209,13 @@ class RouterIngress:
 
     # ---- Python handle API -------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        """``handle.generate.remote(GenerateRequest(...))``; raises :class:`ServiceError`."""
-        if not isinstance(request, GenerateRequest):
-            request = GenerateRequest.model_validate(request)
+        """``handle.generate.remote(GenerateRequest(...))`` (or the same fields as a dict);
+        raises :class:`ServiceError`, a bad field as 422 ``invalid_request`` as over HTTP
+        (pydantic's ValidationError cannot cross to a handle caller: Ray cannot wrap it)."""
+        try:
+            request = validated(request)
+        except ValidationError as exc:
+            raise ServiceError(422, "invalid_request", problems_message(exc.errors())) from None
         return await self._core.generate(request)
 
     # ---- HTTP --------------------------------------------------------------------------------
@@ -287,13 +286,13 @@ class RouterIngress:
         return {"replicas": list(await asyncio.gather(*(one(rid) for rid in sorted(self._core.reports()))))}
 
     @app.post("/v1/admin/offload", responses=ERROR_RESPONSES)
-    async def http_offload(self, body: AdminRequest, request: Request) -> dict[str, Any]:
+    async def http_offload(self, request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
         """Move idle pipelines (one checkpoint or all) off every replica's device."""
         self._check_admin(request)
-        return await self._admin("offload", body)
+        return await self._admin("offload", body or AdminRequest())  # no body: every checkpoint
 
     @app.post("/v1/admin/release", responses=ERROR_RESPONSES)
-    async def http_release(self, body: AdminRequest, request: Request) -> dict[str, Any]:
+    async def http_release(self, request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
         """Free idle pipelines (one checkpoint or all) on every replica."""
         self._check_admin(request)
-        return await self._admin("release", body)
+        return await self._admin("release", body or AdminRequest())  # no body: every checkpoint

@@ -157,6 +157,17 @@ def test_handle_errors_are_typed(app):
     with pytest.raises(ServiceError) as info:
         handle.generate.remote(GenerateRequest(checkpoint="no-such", prompt="x")).result(timeout_s=60)
     assert info.value.status == 404 and info.value.code == "unknown_checkpoint"
+    # A bad field is a 422 naming it, as over HTTP: from a dict (pydantic's ValidationError
+    # cannot cross to the caller), and from a request whose fields skipped validation.
+    good = GenerateRequest(checkpoint="demo-xs", prompt="x", width=64, height=64)
+    for bad, field in (({"checkpoint": "demo-xs"}, "prompt: Field required"),
+                       ({"checkpoint": "demo-xs", "prompt": "x", "width": "64"}, "width: Input should be a valid integer"),
+                       (good.model_copy(update={"num_images": 0}), "num_images: Input should be greater than or equal to 1"),
+                       (good.model_copy(update={"guidance_scale": float("nan")}), "guidance_scale: ")):
+        with pytest.raises(ServiceError) as info:
+            handle.generate.remote(bad).result(timeout_s=60)
+        assert (info.value.status, info.value.code) == (422, "invalid_request"), bad
+        assert field in info.value.message, (field, info.value.message)
 
 
 def test_local_router_serves_from_this_process_as_the_ingress_does(client):
@@ -193,6 +204,9 @@ def _check_local_router(local, client) -> None:
     assert (info.value.status, info.value.code) == (422, "invalid_request")
     with pytest.raises(ValidationError, match="prompt"):
         local.generate({"checkpoint": "demo-xs"})
+    skipped = GenerateRequest(**body).model_copy(update={"num_images": 0})  # model_copy does not validate
+    with pytest.raises(ValidationError, match="num_images"):
+        local.generate(skipped)
 
 
 def test_mixed_run_never_exceeds_budget_and_answers_everything(client):
@@ -277,3 +291,8 @@ def test_admin_offload_and_release_need_the_token(client):
     # The replicas are asked at once; each answer comes from the replica it was sent to.
     assert [rep["replica"] for rep in r.json()["replicas"]] == sorted(reports_by_id(client))
     assert admin(client, "/v1/admin/offload", {"checkpoint": "nope"}).status_code == 404
+    # No body at all: every checkpoint (the README's {checkpoint?}), after the token check.
+    assert client.post("/v1/admin/release").status_code == 401
+    token = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = client.post("/v1/admin/release", headers=token)
+    assert r.status_code == 200 and len(r.json()["replicas"]) == 2, r.text

@@ -91,6 +91,18 @@ def test_the_body_limit_defaults_to_64_kib_and_is_configurable():
         AppConfig.model_validate({"ingress": {"max_body_bytes": 0}})
 
 
+@pytest.mark.parametrize("args, match", [
+    ({"ingress": {"request_timeout_s": float("inf")}}, "request_timeout_s"),  # broke the sync path (time_t)
+    ({"ingress": {"request_timeout_s": 1e10}}, "request_timeout_s"),
+    ({"ingress": {"max_queued_requests": 0}}, "(?s)max_queued_requests.*Serve refuses 0"),
+    ({"replica": {"max_queued_requests": 0}}, "(?s)max_queued_requests.*Serve refuses 0"),
+])
+def test_settings_serve_or_the_sync_path_would_refuse_later_are_refused_when_validated(args, match):
+    with pytest.raises(ValidationError, match=match):
+        AppConfig.model_validate(args)
+    assert AppConfig.model_validate({"ingress": {"max_queued_requests": -1, "request_timeout_s": 86400}})
+
+
 # ---- admin token -----------------------------------------------------------------------------
 TOKEN = "s3cret-token-value"
 
