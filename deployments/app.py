@@ -16,7 +16,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.config import AppConfig
 from deployments.replica import ModelReplica
 from router.core import REPLICA_DEPLOYMENT
-from router.ingress import RouterIngress
+from router.ingress import RouterIngress, ingress_serve_limits
 
 INGRESS_DEPLOYMENT = "Router"
 REQUEST_ROUTER_CLASS = "router.request_router:MemoryAwareRequestRouter"
@@ -40,10 +40,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             request_routing_stats_timeout_s=r.routing_stats_timeout_s,
         ),
     )
+    serve_ongoing, serve_queued = ingress_serve_limits(i)  # the ingress refuses first, as documented
     ingress = serve.deployment(RouterIngress, name=INGRESS_DEPLOYMENT).options(
         num_replicas=i.num_replicas,
-        max_ongoing_requests=i.max_ongoing_requests,
-        max_queued_requests=i.max_queued_requests,
+        max_ongoing_requests=serve_ongoing,
+        max_queued_requests=serve_queued,
         ray_actor_options={"num_cpus": i.num_cpus},
     )
     # The registry loads in the ingress's own process (its files must be readable there); the

@@ -94,6 +94,25 @@ def admin_problem(authorization: str | None, token: str | None, token_env: str) 
     return None
 
 
+def ingress_limit(settings: IngressSettings) -> int:
+    """Requests one ingress replica holds before it answers 503 ``overloaded`` (-1: no limit)."""
+    if settings.max_queued_requests < 0:
+        return -1
+    return settings.max_ongoing_requests + settings.max_queued_requests
+
+
+def ingress_serve_limits(settings: IngressSettings) -> tuple[int, int]:
+    """(max_ongoing_requests, max_queued_requests) for Serve's ingress deployment: room
+    above :func:`ingress_limit` so that the ingress itself refuses, in the documented shape
+    (Serve's refusal is plain text without Retry-After). The headroom takes a burst while
+    the refusals, which are quick, are answered; only past it and Serve's queue does Serve
+    refuse."""
+    limit = ingress_limit(settings)
+    if limit < 0:
+        return settings.max_ongoing_requests, -1
+    return limit + max(16, limit // 8), settings.max_queued_requests
+
+
 class BodyLimitMiddleware:
     """ASGI middleware: JSON-only bodies of at most ``max_body_bytes``, checked before parsing.
 
@@ -143,12 +162,47 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class InflightLimitMiddleware:
+    """ASGI middleware: at most ``limit`` HTTP requests in this ingress replica at once; past
+    it, 503 ``overloaded`` with ``Retry-After: 1`` in the documented error shape.
+
+    Serve's own ingress queue answers a plain-text 503 without Retry-After when it is full,
+    so build_app gives Serve's limits headroom above this one (deployments/app.py:
+    ``ingress_serve_limits``) and the refusal happens here. ``limit`` is the config's
+    ``max_ongoing_requests + max_queued_requests`` (-1: unbounded), set by RouterIngress in
+    the replica process (a class attribute: Serve runs a frozen copy of the app). The
+    ingress awaits replicas, so requests past ``max_ongoing_requests`` wait there rather
+    than in a queue of their own. /healthz is never refused."""
+
+    limit: int = -1
+    _inflight: int = 0
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cls = type(self)
+        if scope["type"] != "http" or scope.get("path") == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        if 0 <= cls.limit <= cls._inflight:
+            await error_json(503, "overloaded", f"the router holds {cls._inflight} requests, its limit; retry later",
+                             1)(scope, receive, send)
+            return
+        cls._inflight += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            cls._inflight -= 1
+
+
 app = FastAPI(
     title="memrouter",
     version="0.1.0",
     description="Memory-aware multi-model router for diffusers pipelines on Ray Serve.",
 )
 app.add_middleware(BodyLimitMiddleware)
+app.add_middleware(InflightLimitMiddleware)  # added last: runs first, before a body is read
 
 
 @app.exception_handler(RequestValidationError)
@@ -206,6 +260,7 @@ class RouterIngress:
         self._token = admin_token_from_env(settings.admin_token_env)
         self._token_env = settings.admin_token_env
         BodyLimitMiddleware.max_body_bytes = settings.max_body_bytes
+        InflightLimitMiddleware.limit = ingress_limit(settings)
 
     # ---- Python handle API -------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerateResponse:

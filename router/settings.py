@@ -18,8 +18,10 @@ class IngressSettings(BaseModel):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.25, ge=0)
     max_ongoing_requests: int = Field(default=256, ge=1)
-    max_queued_requests: int = Field(default=512, ge=-1, description="-1: unbounded (not recommended); 0 is refused "
-                                                                    "by Serve.")
+    max_queued_requests: int = Field(
+        default=512, ge=-1,
+        description="An ingress replica holds max_ongoing_requests + max_queued_requests HTTP requests and answers "
+                    "503 overloaded (Retry-After: 1) past them. -1: unbounded (not recommended); 0 is refused by Serve.")
     # Bounded: "no timeout" as inf (or 1e10) broke the synchronous path (time_t overflow).
     request_timeout_s: float = Field(default=120.0, gt=0, le=86400)
     max_body_bytes: int = Field(default=64 * 1024, gt=0)

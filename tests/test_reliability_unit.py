@@ -84,6 +84,51 @@ def test_body_limit_middleware_streams_and_replays(monkeypatch):
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
 
 
+def test_the_ingress_refuses_past_its_limit_in_the_documented_shape(monkeypatch):
+    """Serve's own full ingress queue answers plain text without Retry-After; the ingress
+    refuses first (503 overloaded, JSON, Retry-After: 1), and Serve's limits leave it room."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from router.ingress import InflightLimitMiddleware, ingress_limit, ingress_serve_limits
+
+    settings = IngressSettings(max_ongoing_requests=2, max_queued_requests=1)
+    monkeypatch.setattr(InflightLimitMiddleware, "limit", ingress_limit(settings))
+    assert ingress_limit(settings) == 3 and ingress_serve_limits(settings) == (19, 1)
+    assert ingress_serve_limits(IngressSettings()) == (768 + 96, 512)
+    assert ingress_limit(IngressSettings(max_queued_requests=-1)) == -1
+    app, gate = FastAPI(), asyncio.Event()
+    app.add_middleware(InflightLimitMiddleware)
+
+    @app.post("/slow")
+    async def slow() -> dict[str, str]:
+        await gate.wait()
+        return {"ok": "yes"}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def burst() -> tuple[list[httpx.Response], list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            held = [asyncio.ensure_future(client.post("/slow")) for _ in range(3)]
+            while InflightLimitMiddleware._inflight < 3:
+                await asyncio.sleep(0.01)
+            refused = [await client.post("/slow") for _ in range(2)]
+            health = await client.get("/healthz")  # never refused
+            gate.set()
+            return [await h for h in held], refused, health
+
+    held, refused, health = asyncio.run(burst())
+    assert [r.status_code for r in held] == [200, 200, 200] and health.status_code == 200
+    for r in refused:
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded" and "limit" in r.json()["error"]["message"]
+    assert InflightLimitMiddleware._inflight == 0
+
+
 def test_the_body_limit_defaults_to_64_kib_and_is_configurable():
     assert IngressSettings().max_body_bytes == 64 * 1024
     assert AppConfig.model_validate({"ingress": {"max_body_bytes": 1000}}).ingress.max_body_bytes == 1000
