@@ -526,17 +526,18 @@ class PipelineCache:
                 self._unclaim(entries[i + 1:])
                 raise
 
-    def offload(self, name: str | None = None) -> list[str]:
-        """Admin: move idle DEVICE entries (one or all) off the device; returns their names.
+    def offload(self, name: str | None = None) -> list[tuple[str, str]]:
+        """Admin: move idle DEVICE entries (one or all) off the device; returns what was done,
+        as :meth:`tick` does: (name, "offload" or "release") in order, host entries released
+        for room included.
 
-        Non-offloadable entries, and all entries when there is no host tier, are released.
-        Entries in use are skipped.
+        Non-offloadable entries, and all entries when there is no host tier or no room in
+        it, are released. Entries in use are skipped.
         """
         with self._io:
             with self._lock:
                 victims = self._claim([e for e in self._lru(Tier.DEVICE) if name is None or e.name == name])
-            self._move_off_device(victims, evicting=False)
-            return [v.name for v in victims]
+            return self._move_off_device(victims, evicting=False)
 
     def release(self, name: str | None = None) -> list[str]:
         """Admin: free idle entries (one or all) from every tier; returns their names."""

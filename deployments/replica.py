@@ -211,7 +211,7 @@ class ModelReplica:
         moved = []
         for entry in self.cache.report().entries:
             if entry.name != keep and not entry.in_use and entry.tier == "device":
-                moved += self.cache.offload(entry.name)
+                moved += [name for name, _ in self.cache.offload(entry.name)]
         pipelines.empty_device_cache()
         return moved
 
@@ -319,9 +319,11 @@ class ModelReplica:
     async def offload(self, checkpoint: str | None = None, _target_replica: str | None = None) -> dict[str, Any]:
         # In a worker thread: the cache waits behind a load in progress (its I/O lock), and on
         # this event loop that wait would stop reports, report() and new requests for as long.
-        names = await asyncio.to_thread(self.cache.offload, checkpoint)
+        moves = await asyncio.to_thread(self.cache.offload, checkpoint)
         self._sample("admin-offload")
-        return {"replica": self.replica_id, "offloaded": names}
+        # What each move did: released when the host tier had no room (or there is none).
+        return {"replica": self.replica_id, "offloaded": [n for n, a in moves if a == "offload"],
+                "released": [n for n, a in moves if a == "release"]}
 
     async def release(self, checkpoint: str | None = None, _target_replica: str | None = None) -> dict[str, Any]:
         names = await asyncio.to_thread(self.cache.release, checkpoint)  # as offload: off this loop

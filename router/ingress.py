@@ -104,13 +104,16 @@ def ingress_limit(settings: IngressSettings) -> int:
 def ingress_serve_limits(settings: IngressSettings) -> tuple[int, int]:
     """(max_ongoing_requests, max_queued_requests) for Serve's ingress deployment: room
     above :func:`ingress_limit` so that the ingress itself refuses, in the documented shape
-    (Serve's refusal is plain text without Retry-After). The headroom takes a burst while
-    the refusals, which are quick, are answered; only past it and Serve's queue does Serve
-    refuse."""
+    (Serve's refusal is plain text without Retry-After). Both get it: Serve counts a
+    request as queued while it is being routed to an ingress replica, so a burst that
+    arrives at once fills Serve's queue before any of it reaches the ingress. The headroom
+    takes a burst while the refusals, which are quick, are answered; only past twice the
+    limit and more does Serve refuse."""
     limit = ingress_limit(settings)
     if limit < 0:
         return settings.max_ongoing_requests, -1
-    return limit + max(16, limit // 8), settings.max_queued_requests
+    room = limit + max(16, limit // 8)
+    return room, max(settings.max_queued_requests, room)
 
 
 class BodyLimitMiddleware:

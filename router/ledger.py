@@ -25,6 +25,9 @@ from router.placement import EntryView, ReplicaView
 
 
 _LOG_MAX = 4096  # touches remembered for touched_since
+# Completions that matched no running call (see completed), kept this long and this many.
+_EARLY_MAX_AGE_S = 60.0
+_EARLY_MAX = 4096
 _ACCEPTED_FIRST = attrgetter("tentative", "routed_s")
 
 
@@ -50,6 +53,9 @@ class Ledger:
         # the oldest half goes past _LOG_MAX, and a mark older than what is kept reads None.
         self._log_versions: list[int] = []
         self._log_replicas: list[str] = []
+        # (request id, replica id) -> when a completion came that matched no running call:
+        # the call's acceptance there may still be on its way (see routed).
+        self._early: dict[tuple[Hashable, str], float] = {}
 
     def _touch(self, replica_id: str) -> None:
         # Versions are unique across replicas and never reused, even after replica_gone.
@@ -77,11 +83,13 @@ class Ledger:
 
         A replica that answers at once can complete a call before its acceptance is
         recorded (Ray runs the completion callback while it still awaits the acceptance):
-        accepted where its tentative record already completed, the call stays completed;
-        recorded as running, nothing would end it but ``max_age_s`` (10 min of a phantom
-        request in use). Caveat: the completion of an attempt the same replica rejected
-        looks the same, so a call accepted there on a retry that did not renew its
-        tentative record shows finished until the replica's next report."""
+        accepted where its tentative record already completed, or where a completion of its
+        request id matched no running call (no tentative record there: Ray went past the
+        pick, or the pick was a group), the call is recorded completed; recorded as running,
+        nothing would end it but ``max_age_s`` (10 min of a phantom request in use).
+        Caveat: the completion of an attempt the same replica rejected looks the same, so a
+        call accepted there on a retry that did not renew its tentative record shows
+        finished until the replica's next report."""
         old = self._where.get(call)
         if old is not None and old != replica_id:
             placed = self._by_replica.get(old)
@@ -91,9 +99,13 @@ class Ledger:
         self._where[call] = replica_id
         here = self._by_replica.setdefault(replica_id, {})
         prev = here.get(call)
-        done_s = prev.completed_s if prev is not None and prev.tentative and not tentative else None
-        here[call] = _Placed(replica_id, checkpoint, weights_bytes, now_s, done_s, tentative,
-                             call if request_id is None else request_id)
+        rid = call if request_id is None else request_id
+        done_s = None
+        if not tentative:
+            done_s = self._early.pop((rid, replica_id), None)
+            if prev is not None and prev.tentative and prev.completed_s is not None:
+                done_s = prev.completed_s
+        here[call] = _Placed(replica_id, checkpoint, weights_bytes, now_s, done_s, tentative, rid)
         self._touch(replica_id)
 
     def completed(self, request_id: Hashable, replica_id: str, *, now_s: float) -> None:
@@ -113,12 +125,24 @@ class Ledger:
         if p is not None:
             p.completed_s = now_s
             self._touch(replica_id)
+            return
+        # No running call of that id there: its acceptance may still come (see routed), or
+        # it was a call this ledger never records (no need: reports, admin). Bounded.
+        early = self._early
+        early[(request_id, replica_id)] = now_s
+        while early:
+            oldest = next(iter(early))
+            if len(early) <= _EARLY_MAX and early[oldest] >= now_s - _EARLY_MAX_AGE_S:
+                break
+            del early[oldest]
 
     def replica_gone(self, replica_id: str) -> None:
         """Forget ``replica_id``: its placements and its version (touched once more first, so
         that :meth:`touched_since` names it)."""
         for request_id in self._by_replica.pop(replica_id, {}):
             self._where.pop(request_id, None)
+        for key in [k for k in self._early if k[1] == replica_id]:
+            del self._early[key]
         self._touch(replica_id)
         del self._versions[replica_id]
 

@@ -104,16 +104,28 @@ def _check_kind(label: str, field: str, value: Any) -> None:
 
 
 def check_overrides(overrides: Mapping[str, Any]) -> None:
-    """Refuse unknown fields and values of the wrong kind in ``profile_overrides`` (ValueError
-    naming the field); ranges that depend on the device (reserve below total) are checked
-    when the override is applied to the replica's profile."""
+    """Refuse unknown fields, values of the wrong kind and values out of the ranges that hold
+    on every device in ``profile_overrides`` (ValueError naming the field); what depends on
+    the device (reserve below total) is checked when the override is applied to the
+    replica's profile."""
     if not isinstance(overrides, Mapping):
         raise ValueError(f"profile_overrides must be a mapping of HardwareProfile fields, got {type(overrides).__name__}")
     unknown = sorted(set(overrides) - set(_KINDS))
     if unknown:
         raise ValueError(f"profile override: unknown field(s) {unknown}; known fields are {sorted(_KINDS)}")
     for field, value in overrides.items():
-        _check_kind(f"profile override {field}", field, value)
+        label = f"profile override {field}"
+        _check_kind(label, field, value)
+        # The ranges that hold on every device (HardwareProfile checks them again, with the
+        # device's own: reserve below total).
+        if field == "default_dtype" and value not in DTYPES:
+            raise ValueError(f"{label} must be one of {DTYPES}, got {value!r}")
+        if field in ("total_bytes", "max_resident_pipelines") and value < 1:
+            raise ValueError(f"{label} must be >= 1, got {value}")
+        if field in ("reserve_bytes", "host_budget_bytes") and value < 0:
+            raise ValueError(f"{label} must be >= 0, got {value}")
+        if field in ("idle_offload_s", "idle_release_s") and not value > 0:  # NaN too
+            raise ValueError(f"{label} must be > 0 seconds (inf: never), got {value}")
 
 
 def _gpu(name: str, total_gib: float, *, bf16: bool, max_resident: int, host_gib: int) -> HardwareProfile:

@@ -139,8 +139,11 @@ class MemoryAwareRequestRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         need = _need_of(pending_request)
-        if need is not None:
-            self._record(pending_request, need, self.curr_replicas.get(replica_id), replica_id.unique_id)
+        replica = self.curr_replicas.get(replica_id)
+        # A replica update_replicas already removed (draining) is forgotten: a record made
+        # for it now would never be cleared (it sends no more reports).
+        if need is not None and replica is not None:
+            self._record(pending_request, need, replica, replica_id.unique_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._ledger.completed(internal_request_id, replica_id.unique_id, now_s=time.time())

@@ -259,6 +259,9 @@ def test_tick_reports_the_host_entries_an_offload_released_and_an_offload_that_f
     clock.advance(9)  # b idle 10 s: due for offload; a and c are not due for release
     assert cache.tick() == [("a", "release"), ("b", "offload")]  # a made room, and says so
     assert tiers(cache) == {"c": "host", "b": "host"}
+    # Admin offload says the same of each move.
+    use(cache, clock, "d")  # d (50) on device; the host holds c and b (60 of 60)
+    assert cache.offload("d") == [("c", "release"), ("b", "release"), ("d", "offload")]
     cache2, backend2, clock2 = make(host=0, offload_s=10, release_s=100)
     use(cache2, clock2, "a")
     clock2.advance(9)
@@ -350,7 +353,7 @@ def test_admin_offload_and_release_skip_in_use():
     cache, backend, clock = make()
     use(cache, clock, "a")
     lease = cache.acquire("b", weights_bytes=30)
-    assert cache.offload() == ["a"]
+    assert cache.offload() == [("a", "offload")]
     assert tiers(cache) == {"a": "host", "b": "device"}
     assert cache.release() == ["a"]
     assert tiers(cache) == {"b": "device"}

@@ -354,6 +354,37 @@ def test_a_call_completed_before_its_acceptance_is_recorded_stays_completed():
     assert ledger.pending("a") == [("x", 1)] and ledger.pending("b") == [("y", 1)]
 
 
+@pytest.mark.parametrize("pick", ["another replica", "none"])
+def test_an_early_completion_where_no_call_ran_completes_the_call_accepted_there(pick):
+    """Ray went past the tentative pick (its queue full in Ray's cache), or the pick was a
+    group (no tentative record): the completion comes for a replica with no record of the
+    call, before the acceptance there is recorded."""
+    ledger = Ledger()
+    if pick == "another replica":
+        ledger.routed("c1", "a", "x", weights_bytes=40, now_s=1.0, tentative=True, request_id="r1")
+    ledger.completed("r1", "b", now_s=1.001)
+    ledger.routed("c1", "b", "x", weights_bytes=40, now_s=1.002, request_id="r1")
+    assert ledger.pending("b") == [("x", 0)] and ledger.pending("a") == []
+    ledger.report_arrived("b", 2.0)
+    assert len(ledger) == 0
+    # Remembered once: the next call of that id accepted there runs.
+    ledger.routed("c2", "b", "x", weights_bytes=40, now_s=3.0, request_id="r1")
+    assert ledger.pending("b") == [("x", 1)]
+
+
+def test_unmatched_completions_are_remembered_briefly_and_boundedly():
+    from router import ledger as ledger_mod
+
+    ledger = Ledger()
+    for i in range(ledger_mod._EARLY_MAX + 10):  # completions of calls never recorded (reports, admin)
+        ledger.completed(f"admin-{i}", "a", now_s=1.0)
+    assert len(ledger._early) == ledger_mod._EARLY_MAX
+    ledger.completed("late", "a", now_s=1.0 + ledger_mod._EARLY_MAX_AGE_S + 1)
+    assert list(ledger._early) == [("late", "a")]  # the older ones aged out
+    ledger.replica_gone("a")
+    assert ledger._early == {}
+
+
 def test_a_replica_ray_removes_without_its_actor_dying_is_forgotten_by_the_ledger():
     """Downscale, redeploy, rolling update: update_replicas drops the replica and Ray calls
     no on_replica_actor_died; its ledger records stayed forever."""
@@ -383,6 +414,41 @@ def test_a_replica_ray_removes_without_its_actor_dying_is_forgotten_by_the_ledge
     ledger = asyncio.run(run())
     assert ledger.pending("old") == [] and "old" not in ledger.versions
     assert ledger.pending("kept") == [("x", 1)] and len(ledger) == 1
+
+
+def test_a_late_acceptance_by_a_removed_replica_is_not_recorded():
+    """A draining replica accepts a call that was awaiting its answer after update_replicas
+    removed it: the record would never be cleared (no more reports)."""
+    import types
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
+    from ray.serve._private.request_router.common import PendingRequest
+
+    from router.request_router import MemoryAwareRequestRouter
+
+    dep = DeploymentID(name="ModelReplica", app_name="ledger-test-2")
+
+    class Replica:
+        max_ongoing_requests = 8
+
+        def __init__(self, uid):
+            self.replica_id = ReplicaID(uid, dep)
+            self.routing_stats = _report(100) | {"timestamp_s": 1.0, "report_seq": 1}
+
+    async def run() -> Ledger:
+        router = MemoryAwareRequestRouter(dep, DeploymentHandleSource.UNKNOWN)
+        router.initialize_state()
+        old, kept = Replica("old"), Replica("kept")
+        router.update_replicas([old, kept])
+        router.update_replicas([kept])
+        for rep, rid in ((old, "r1"), (kept, "r2")):
+            pr = PendingRequest(args=[{}, need()], kwargs={}, metadata=types.SimpleNamespace(internal_request_id=rid))
+            router.on_request_routed(pr, rep.replica_id, None)
+        return router._ledger
+
+    ledger = asyncio.run(run())
+    assert "old" not in ledger.versions and ledger.pending("old") == []
+    assert ledger.pending("kept") == [("x", 1)]
 
 
 class _FakeReplicaID:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -276,6 +277,11 @@ def test_profile_misuse_names_the_problem(call, match):
     ({"profile_overrides": {"reserve_bytes": "2.5e9"}},  # YAML reads 2.5e9 as this string
      r"profile override reserve_bytes must be an integer number of bytes .*got '2.5e9' \(str\)"),
     ({"profile_overrides": {"idle_release_s": True}}, "idle_release_s must be a number of seconds"),
+    ({"profile_overrides": {"default_dtype": "fp16"}}, "default_dtype must be one of"),
+    ({"profile_overrides": {"max_resident_pipelines": 0}}, "max_resident_pipelines must be >= 1"),
+    ({"profile_overrides": {"host_budget_bytes": -1}}, "host_budget_bytes must be >= 0"),
+    ({"profile_overrides": {"idle_offload_s": 0}}, "idle_offload_s must be > 0 seconds"),
+    ({"profile_overrides": {"idle_release_s": float("nan")}}, "idle_release_s must be > 0 seconds"),
 ])
 def test_replica_profile_settings_are_refused_when_the_app_is_built_naming_the_field(args, match):
     from pydantic import ValidationError
@@ -297,8 +303,10 @@ def test_good_profile_settings_validate_and_apply():
 
 
 def test_a_nan_idle_timeout_is_refused_it_would_switch_the_timers_off():
-    with pytest.raises(ValueError, match="idle timeouts must be > 0 seconds"):
+    with pytest.raises(ValueError, match="idle_release_s must be > 0 seconds"):
         profiles.PROFILES["L4-24GB"].with_overrides({"idle_release_s": float("nan")})
+    with pytest.raises(ValueError, match="idle timeouts must be > 0 seconds"):  # the profile's own check
+        dataclasses.replace(profiles.PROFILES["L4-24GB"], idle_offload_s=float("nan"))
     from deployments.cache import CacheConfig
 
     with pytest.raises(ValueError, match="idle timeouts must be > 0 s"):

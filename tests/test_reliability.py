@@ -5,7 +5,8 @@ One cluster for the module, two applications in it:
   four plus two more names for demo folders) and 3 broken ones (a truncated and a corrupt
   safetensors file, a UNet config.json that is not JSON), the fault-injection test seam on (deployments/faults.py), the admin
   token set;
-- ``notoken`` (route ``/notoken``): 1 replica, its admin token env var unset (admin off).
+- ``notoken`` (route ``/notoken``): 1 replica, its admin token env var unset (admin off), an
+  ingress that holds 3 requests (max_ongoing_requests 2 + max_queued_requests 1).
 
 docs/reliability.md lists every case with the test that checks it.
 """
@@ -74,7 +75,9 @@ def app(tmp_path_factory):
     no_token = deep_update(default_args(), {
         "registry": registry[:1],
         "replica": {"num_replicas": 1, "num_cpus": 0.25},
-        "ingress": {"admin_token_env": NO_TOKEN_ENV, "num_cpus": 0.1},
+        # A small ingress limit (2 + 1 requests held) for the burst test below.
+        "ingress": {"admin_token_env": NO_TOKEN_ENV, "num_cpus": 0.1, "max_ongoing_requests": 2,
+                    "max_queued_requests": 1},
     })
     os.environ["MEMROUTER_ADMIN_TOKEN"] = ADMIN_TOKEN  # before ray.init: workers inherit it
     os.environ.pop(NO_TOKEN_ENV, None)
@@ -491,6 +494,31 @@ def test_fault_injection_seam_is_off_by_default(app):
 
 
 # ---- load and backpressure -------------------------------------------------------------------
+def test_a_burst_past_the_ingress_limit_is_refused_in_the_documented_shape(app):
+    """12 requests at once at an ingress that holds 3: the rest are 503 overloaded, JSON,
+    Retry-After: 1, from the ingress itself. Serve's own refusal (its queue full) is plain
+    text without Retry-After; build_app gives Serve's limits room above the ingress's."""
+    port = app["port"]
+    body = {"checkpoint": "demo-xs", "prompt": "p", "width": 128, "height": 128, "num_inference_steps": 10}
+    answers: list[httpx.Response] = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                      limits=httpx.Limits(max_connections=20, max_keepalive_connections=20)) as c:
+        assert c.post("/notoken/v1/generate", json=dict(body, num_inference_steps=1)).status_code == 200  # warm
+        threads = [threading.Thread(target=lambda: answers.append(c.post("/notoken/v1/generate", json=body)))
+                   for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    codes = sorted(r.status_code for r in answers)
+    assert len(answers) == 12 and set(codes) <= {200, 503} and codes.count(200) >= 3, codes
+    for r in answers:
+        assert r.headers["content-type"].startswith("application/json"), (r.status_code, r.text[:200])
+        if r.status_code == 503:
+            assert r.headers.get("retry-after") == "1" and r.json()["error"]["code"] == "overloaded", r.text[:200]
+    assert codes.count(503) >= 1, codes
+
+
 N_LOAD = 500
 
 
