@@ -467,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bw-bytes", type=int, default=1 << 30)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch sees no CUDA device (torch {torch.__version__})")
+    if args.bw_bytes < 1:
+        ap.error(f"--bw-bytes must be >= 1, got {args.bw_bytes}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     P.quiet_progress_bars()

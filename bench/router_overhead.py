@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="environment variable for the cluster's workers (Serve controller, proxy, replicas), "
                          "not this driver; repeatable, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     args = ap.parse_args(argv)
+    if args.requests < 1 or args.warmup < 0:  # else a whole app run, then nothing to report
+        ap.error(f"--requests must be >= 1 and --warmup >= 0, got {args.requests} and {args.warmup}")
+    if args.steps < 1 or args.size < 8 or args.size % 8:
+        ap.error(f"--steps must be >= 1 and --size a multiple of 8, got {args.steps} and {args.size}")
     serve_env = {}
     for kv in args.serve_env:
         key, sep, value = kv.partition("=")

@@ -600,15 +600,46 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="throughput", help="file name prefix of the results (e.g. throughput_overload)")
     ap.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs given to Ray (the replicas ask 0.5 each)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # Refused here, before Ray starts: a value that would be replaced by a default (0 is
+    # falsy), fail minutes in, or hang (Serve waits for CPUs forever).
+    if args.requests is not None and args.requests < 1:
+        ap.error(f"--requests must be >= 1, got {args.requests}")
+    if args.rate is not None and not args.rate > 0:
+        ap.error(f"--rate must be > 0 req/s, got {args.rate}")
+    if not args.systems or set(args.systems) - set(SYSTEMS) or len(set(args.systems)) != len(args.systems):
+        ap.error(f"--systems must be distinct letters of {''.join(SYSTEMS)}, got {args.systems!r}")
+    if args.ray_cpus < 2:  # 2 replicas x 0.5 + the ingress's 0.25
+        ap.error(f"--ray-cpus must be >= 2 (each app asks 1.25 CPUs), got {args.ray_cpus}")
+    if args.size < 8 or args.size % 8:
+        ap.error(f"--size must be a multiple of 8 (the request API's rule), got {args.size}")
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+def _check_workload(popularity: tuple[str, ...], entries: list[dict[str, Any]], size: int, steps: int) -> None:
+    """Every system must run the same work: names the catalog (``entries``) has, sizes and
+    steps within the registry's limits (memrouter refuses what the peers would run)."""
+    known = {e["name"] for e in entries}
+    missing = [n for n in popularity if n not in known]
+    if missing or not popularity:
+        raise SystemExit(f"--popularity: {missing or 'empty'} not in the catalog {sorted(known)}")
+    for e in (e for e in entries if e["name"] in popularity):
+        if size > min(e["max_width"], e["max_height"]) or steps > e["max_steps"]:
+            raise SystemExit(f"--size {size} / --steps {steps} exceed checkpoint {e['name']!r}'s limits "
+                             f"({e['max_width']}x{e['max_height']}, {e['max_steps']} steps)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.report_only:
-        return report_only(Path(args.out) / f"{args.name}.json")
-    requests = args.requests or (60 if args.quick else 240)
-    rate = args.rate or 6.0
+        path = Path(args.out) / f"{args.name}.json"
+        if not path.is_file():
+            raise SystemExit(f"--report-only: no results at {path} (run the benchmark first, or check --out/--name)")
+        return report_only(path)
+    requests = args.requests if args.requests is not None else (60 if args.quick else 240)
+    rate = args.rate if args.rate is not None else 6.0
     popularity = tuple(n.strip() for n in args.popularity.split(",") if n.strip())
     if args.no_xl:
         popularity = tuple(n for n in popularity if n != "bench-xl")
@@ -616,7 +647,9 @@ def main(argv: list[str] | None = None) -> int:
                          burst_at_s=args.burst_at, burst_len_s=args.burst_len, burst_factor=args.burst_factor,
                          popularity=popularity, width=args.size, height=args.size, steps=args.steps)
     trace = generate_trace(params)
-    entries = [e for e in ensure_catalog(include_xl=not args.no_xl) if e["name"] in popularity]
+    catalog = ensure_catalog(include_xl=not args.no_xl)
+    _check_workload(popularity, catalog, args.size, args.steps)
+    entries = [e for e in catalog if e["name"] in popularity]
     wbytes = weights_bytes(entries)
     wsbytes = max(workspace_bytes(entries, args.size, args.size).values())
     budget = int(args.budget_mb * 1e6)

@@ -141,26 +141,13 @@ def bench_dir() -> Path:
 
 def ensure_catalog(include_xl: bool = True) -> list[dict[str, Any]]:
     """Registry entries (dicts) for the demo checkpoints (+ bench-xl), building what is missing."""
-    import shutil
-    import tempfile
-
     from deployments import demo
 
     demo.ensure_demo_checkpoints()
     entries = demo.demo_registry_entries()
     if include_xl:
-        spec, root = _xl_spec(), bench_dir()
-        root.mkdir(parents=True, exist_ok=True)
-        target = root / spec.name
-        if not demo._is_complete(target, spec):
-            built = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=root))
-            try:
-                demo.build_demo_checkpoint(spec, built)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.rename(built, target)
-            finally:
-                shutil.rmtree(built, ignore_errors=True)
+        spec = _xl_spec()
+        target = demo.ensure_checkpoint(spec, bench_dir())
         fields = {k: v for k, v in entries[0].items() if k not in ("name", "path")}
         entries.append({"name": spec.name, "path": str(target), **fields})
     return entries

@@ -18,16 +18,25 @@ def main(argv: list[str] | None = None) -> int:
                       help="serve config whose app args the demo uses (default: the checkout's serve_config.yaml)")
     args = parser.parse_args(argv)
     if args.command == "demo":
+        if args.requests < 1:
+            parser.error(f"demo --requests must be >= 1, got {args.requests}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            parser.error(f"demo --out {args.out}: exists and is not a folder")
         from deployments import demo_run
 
         try:
             config = demo_run.find_config(args.config)
-        except FileNotFoundError as exc:
+            demo_run.load_app_args(config)  # a config without a memrouter app: one line, before anything starts
+        except (OSError, ValueError, KeyError, IndexError) as exc:
             print(f"memrouter demo: {exc}", file=sys.stderr)
             return 2
-        if args.local:
-            return demo_run.run_local_demo(out_dir=args.out, n_requests=args.requests, config_path=config)
-        return demo_run.run_demo(out_dir=args.out, n_requests=args.requests, config_path=config)
+        try:
+            if args.local:
+                return demo_run.run_local_demo(out_dir=args.out, n_requests=args.requests, config_path=config)
+            return demo_run.run_demo(out_dir=args.out, n_requests=args.requests, config_path=config)
+        except OSError as exc:  # a full disk or a read-only folder while building or writing: one line
+            print(f"memrouter demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     return 2
 
 

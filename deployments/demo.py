@@ -263,22 +263,26 @@ def ensure_demo_checkpoints(root: Path | None = None) -> dict[str, Path]:
     leave a ``.<name>.partial-*`` folder behind; it is never read and may be deleted.
     """
     root = Path(root) if root is not None else default_demo_dir()
+    return {spec.name: ensure_checkpoint(spec, root) for spec in DEMO_CHECKPOINTS}
+
+
+def ensure_checkpoint(spec: DemoSpec, root: Path) -> Path:
+    """``root / spec.name``, built first when missing or stale, as
+    :func:`ensure_demo_checkpoints` builds each (safe when processes race; bench/trace.py's
+    larger checkpoint is built this way too)."""
     root.mkdir(parents=True, exist_ok=True)
-    folders: dict[str, Path] = {}
-    for spec in DEMO_CHECKPOINTS:
-        target = root / spec.name
-        if not _is_complete(target, spec):
-            # Same filesystem as the target, so that the rename is atomic.
-            built = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=root))
-            os.chmod(built, 0o755)  # mkdtemp's 0700 would survive the rename
-            try:
-                build_demo_checkpoint(spec, built)
-            except BaseException:
-                _discard(built)
-                raise
-            _install(built, target, spec)
-        folders[spec.name] = target
-    return folders
+    target = root / spec.name
+    if not _is_complete(target, spec):
+        # Same filesystem as the target, so that the rename is atomic.
+        built = Path(tempfile.mkdtemp(prefix=f".{spec.name}.partial-", dir=root))
+        os.chmod(built, 0o755)  # mkdtemp's 0700 would survive the rename
+        try:
+            build_demo_checkpoint(spec, built)
+        except BaseException:
+            _discard(built)
+            raise
+        _install(built, target, spec)
+    return target
 
 
 def demo_registry_entries(root: Path | None = None) -> list[dict[str, Any]]:

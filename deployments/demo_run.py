@@ -58,9 +58,27 @@ def find_config(config_path: Path | None = None) -> Path:
 
 
 def load_app_args(config_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    doc = yaml.safe_load(config_path.read_text())
-    app = doc["applications"][0]
-    return doc, dict(app.get("args") or {})
+    """(the Serve config document, its first application's args); ValueError naming the
+    file when it is no Serve config (OSError when it cannot be read)."""
+    try:
+        doc = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{config_path}: invalid YAML ({exc})") from None
+    apps = doc.get("applications") if isinstance(doc, dict) else None
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
+        raise ValueError(f"{config_path}: no 'applications' list with an application in it (not a Serve config)")
+    return doc, dict(apps[0].get("args") or {})
+
+
+def fresh_out_dir(out_dir: str) -> Path:
+    """The demo's output folder, with what an earlier run wrote there (its images and
+    timeline plots, by their names) removed, so that one run's files are not mixed with
+    another's. Nothing else in the folder is touched."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("memory-timeline-*.png"), *(out / "images").glob("*.png")]:
+        old.unlink()
+    return out
 
 
 def print_row(i: int, r: dict[str, Any]) -> None:
@@ -109,8 +127,7 @@ def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, 
     from deployments.app import build_app
     from deployments.demo import ensure_demo_checkpoints
 
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out = fresh_out_dir(out_dir)
     say("building the demo checkpoints (first run only) ...")
     paths = ensure_demo_checkpoints()
     for name, p in paths.items():
@@ -190,8 +207,7 @@ def run_local_demo(*, out_dir: str, n_requests: int, config_path: Path | None = 
     from deployments.replica import ModelReplica
     from router.api import GenerateRequest, resolve_request
 
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    out = fresh_out_dir(out_dir)
     _, args = load_app_args(config_path)
     say("building the demo checkpoints (first run only) and starting one local replica ...")
     replica = ModelReplica(args)

@@ -266,7 +266,8 @@ class RouterCore:
         try:
             await asyncio.wait_for(self.replicas.report.remote(), timeout=wait_s)
         except Exception as exc:  # noqa: BLE001 - status stays empty; the caller sees that
-            log.warning("priming the request router failed: %s", exc)
+            # The type too: a timeout's text is empty.
+            log.warning("priming the request router failed (%s within %s s): %s", type(exc).__name__, wait_s, exc)
             return
         deadline = time.monotonic() + wait_s
         while not self.reports() and time.monotonic() < deadline:
@@ -279,7 +280,8 @@ class RouterCore:
         try:
             self.replicas.report.remote().result(timeout_s=wait_s)
         except Exception as exc:  # noqa: BLE001 - status stays empty; the caller sees that
-            log.warning("priming the request router failed: %s", exc)
+            # The type too: a timeout's text is empty.
+            log.warning("priming the request router failed (%s within %s s): %s", type(exc).__name__, wait_s, exc)
             return
         deadline = time.monotonic() + wait_s
         while not self.reports() and time.monotonic() < deadline:

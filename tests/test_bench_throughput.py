@@ -116,3 +116,32 @@ def test_missed_targets_names_inference_slowed_by_a_shared_machine():
     assert "(a)'s mean inference took 2.14x (b)'s (140.8 vs 65.8 ms)" in line
     doc["systems"]["a"]["mean_ms"]["inference"] = 70.0  # no slower than (b)'s: not blamed
     assert "mean inference took" not in missed_targets(doc)[0]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--rate", "0"], "--rate must be > 0"),  # 0 was replaced by the default, and recorded as given
+    (["--requests", "0"], "--requests must be >= 1"),
+    (["--systems", "x"], "--systems must be distinct letters of abcd"),  # a KeyError minutes in
+    (["--systems", "aa"], "--systems must be distinct"),
+    (["--ray-cpus", "1"], "--ray-cpus must be >= 2"),  # Serve waited for CPUs forever
+    (["--size", "60"], "--size must be a multiple of 8"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_bench_arguments_are_refused_before_ray_starts(argv, match, capsys):
+    from bench.throughput import parse
+
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert match in capsys.readouterr().err
+
+
+def test_a_workload_the_systems_would_not_run_alike_is_refused():
+    from bench.throughput import _check_workload
+
+    entries = [{"name": "demo-s", "max_width": 256, "max_height": 256, "max_steps": 10},
+               {"name": "other", "max_width": 64, "max_height": 64, "max_steps": 1}]
+    _check_workload(("demo-s",), entries, 256, 10)  # "other" is not in the trace: its limits do not apply
+    with pytest.raises(SystemExit, match=r"--popularity: \['demo-typo'\] not in the catalog \['demo-s', 'other'\]"):
+        _check_workload(("demo-s", "demo-typo"), entries, 64, 1)
+    with pytest.raises(SystemExit, match="exceed checkpoint 'demo-s''s limits"):
+        _check_workload(("demo-s",), entries, 512, 1)

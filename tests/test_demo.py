@@ -198,3 +198,41 @@ def test_demo_finds_the_checkouts_serve_config_or_the_one_in_the_working_directo
     (tmp_path / "serve_config.yaml").write_text("applications: []\n")
     monkeypatch.chdir(tmp_path)
     assert demo_run.find_config() == tmp_path / "serve_config.yaml"
+
+
+@pytest.mark.parametrize("argv_tail, setup, message", [
+    (["--requests", "0"], None, "demo --requests must be >= 1"),
+    (["--out", "{tmp}/file"], lambda tmp: (tmp / "file").write_text("x"), "exists and is not a folder"),
+    (["--config", "{tmp}/empty.yaml"], lambda tmp: (tmp / "empty.yaml").write_text("applications: []\n"),
+     "no 'applications' list with an application in it"),
+    (["--config", "{tmp}/bad.yaml"], lambda tmp: (tmp / "bad.yaml").write_text("applications: [\n"), "invalid YAML"),
+])
+def test_demo_refuses_bad_arguments_in_one_line_and_starts_nothing(tmp_path, capsys, argv_tail, setup, message):
+    import sys
+
+    from deployments import cli
+
+    if setup is not None:
+        setup(tmp_path)
+    argv = ["demo", "--out", str(tmp_path / "out")] + [a.format(tmp=tmp_path) for a in argv_tail]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own refusal
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_output_folder_holds_one_runs_files(tmp_path):
+    from deployments.demo_run import fresh_out_dir
+
+    (tmp_path / "images").mkdir()
+    old = [tmp_path / "memory-timeline-deadbeef.png", tmp_path / "images" / "007-demo-s.png"]
+    for p in old:
+        p.write_bytes(b"png")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert fresh_out_dir(str(tmp_path)) == tmp_path
+    assert not any(p.exists() for p in old) and (tmp_path / "notes.txt").read_text() == "mine"
