@@ -141,7 +141,7 @@ class PeerReplica:
         from deployments import pipelines
 
         spec = self.registry.get(name)
-        pipe = pipelines.load_pipeline(spec.path, dtype=spec.dtype.value, device="cpu")
+        pipe = pipelines.load_pipeline(spec.path, dtype=spec.dtype.value, device="cpu", variant=spec.variant)
         nbytes = sum(pipelines.measure_bytes(pipe, "cpu").values())
         held = _Held(self, name, pipe, nbytes)
         self._on_loaded(name, nbytes)

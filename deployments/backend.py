@@ -38,7 +38,8 @@ class TorchBackend:
     def load(self, name: str) -> LoadedPipeline:
         spec = self._registry.get(name)
         dtype = self.dtype_for(name)
-        pipe = pipelines.load_pipeline(spec.path, dtype=dtype, quantization=spec.quantization.value, device=self.device)
+        pipe = pipelines.load_pipeline(spec.path, dtype=dtype, quantization=spec.quantization.value, device=self.device,
+                                       variant=spec.variant)
         return LoadedPipeline(name, pipe, dtype, self.device)
 
     def measure(self, obj: LoadedPipeline) -> int:

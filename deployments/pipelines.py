@@ -162,12 +162,15 @@ def _redact(text: str, path: Path) -> str:
     return text
 
 
-def load_pipeline(path: Path, *, dtype: str, quantization: str = "none", device: str = "cpu") -> Any:
+def load_pipeline(path: Path, *, dtype: str, quantization: str = "none", device: str = "cpu",
+                  variant: str | None = None) -> Any:
     """Load the diffusers pipeline in folder ``path`` onto ``device``.
 
     Safetensors only, local files only, no remote code. ``quantization`` is ``"none"``,
     ``"int8"`` or ``"nf4"`` (bitsandbytes, denoiser only; bitsandbytes needs a CUDA GPU,
-    so on a CPU-only host these fail with PipelineLoadError).
+    so on a CPU-only host these fail with PipelineLoadError). ``variant`` (``"fp16"``) loads
+    a component's variant files where it has them, its plain ones elsewhere
+    (router/layout.py, which the estimate reads the same way).
 
     The files are memory-mapped (one copy from the page cache to the destination, where
     reading them first costs a read plus a deserializing copy: bench/load_speed.py measures
@@ -202,6 +205,7 @@ def load_pipeline(path: Path, *, dtype: str, quantization: str = "none", device:
             local_files_only=True,
             trust_remote_code=False,
             disable_mmap=False,
+            variant=variant,
             quantization_config=_quantization_config(path, quantization, dt),
         )
         if device != "cpu":

@@ -300,7 +300,7 @@ class Estimator:
         (router/layout.py)."""
         index = read_model_index(spec.path)
         try:
-            comps = pipeline_weight_files(spec.path, index)
+            comps = pipeline_weight_files(spec.path, index, spec.variant)
         except LayoutError as exc:
             raise EstimateError(f"checkpoint {spec.name!r}: {exc}") from None
         return index, comps

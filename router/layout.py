@@ -8,10 +8,12 @@ the component's library (``model_index.json``: ``"vae": ["diffusers", "Autoencod
 - transformers: ``model.safetensors`` when it exists, else the index ``model.safetensors.index.json``.
 
 Other files in the folder are not loaded: a consolidated file left beside shards, a stray
-shard from an older revision, and variant files (``*.fp16.safetensors``, which load only
-with ``variant="fp16"``, which this project does not pass). Counting them would over-
-estimate; accepting a folder that has only them would fail at load time. Components of
-other libraries fall back to every plain (non-variant) ``*.safetensors`` file.
+shard from an older revision, and variant files (``*.fp16.safetensors``), which load only
+with ``variant="fp16"`` (a checkpoint's ``variant`` in the registry): then a component's
+variant layout wins, and one without variant files loads its plain ones. Counting files
+that do not load would over-estimate; accepting a folder whose files would not load would
+fail at load time. Components of other libraries fall back to every plain (or every
+variant) ``*.safetensors`` file.
 
 Pure: reads directory listings and small JSON files, never tensor data; imports nothing of
 this project.
@@ -78,27 +80,44 @@ def _checked(p: Path) -> Path:
     return p
 
 
-def component_files(folder: Path, library: str) -> ComponentFiles:
-    """The safetensors files ``from_pretrained`` (no variant) loads from component ``folder``
-    of ``library`` (see the module docstring). Raises :class:`LayoutError` for a broken
-    shard index; a folder with nothing it would load gives empty ``files``."""
-    present = sorted(folder.glob("*.safetensors"))
+def with_variant(name: str, variant: str) -> str:
+    """``name`` as ``from_pretrained(variant=...)`` looks for it (diffusers' and transformers'
+    rule: the variant before the last suffix): ``model.safetensors`` -> ``model.fp16.safetensors``,
+    ``model.safetensors.index.json`` -> ``model.safetensors.index.fp16.json``."""
+    head, _, suffix = name.rpartition(".")
+    return f"{head}.{variant}.{suffix}"
+
+
+def _layout_files(folder: Path, library: str, present: list[Path], variant: str | None) -> tuple[Path, ...]:
     layout = _LAYOUTS.get(library)
-    if layout is None:
-        files: tuple[Path, ...] = tuple(p for p in present if not is_variant_file(p))
-    else:
-        single, index, index_wins = _checked(folder / layout[0]), _checked(folder / layout[1]), layout[2]
-        if index.is_file() and (index_wins or not single.is_file()):
-            files = _from_index(index)
-        elif single.is_file():
-            files = (single,)
-        else:
-            files = ()
+    if layout is None:  # another library: every file of the variant, or every plain file
+        if variant is None:
+            return tuple(p for p in present if not is_variant_file(p))
+        return tuple(p for p in present if p.name.endswith(f".{variant}.safetensors"))
+    names = layout[:2] if variant is None else tuple(with_variant(n, variant) for n in layout[:2])
+    single, index, index_wins = _checked(folder / names[0]), _checked(folder / names[1]), layout[2]
+    if index.is_file() and (index_wins or not single.is_file()):
+        return _from_index(index)
+    if single.is_file():
+        return (single,)
+    return ()
+
+
+def component_files(folder: Path, library: str, variant: str | None = None) -> ComponentFiles:
+    """The safetensors files ``from_pretrained`` loads from component ``folder`` of
+    ``library`` (see the module docstring). With a ``variant`` (``"fp16"``), a component's
+    variant files when it has them, else its plain files, as both libraries fall back
+    (measured with diffusers 0.42 and transformers 5.23). Raises :class:`LayoutError` for a
+    broken shard index or link; a folder with nothing it would load gives empty ``files``."""
+    present = sorted(folder.glob("*.safetensors"))
+    files = _layout_files(folder, library, present, variant) if variant is not None else ()
+    if not files:
+        files = _layout_files(folder, library, present, None)
     chosen = set(files)
     return ComponentFiles(files, tuple(p.name for p in present if p not in chosen))
 
 
-def pipeline_weight_files(path: Path, model_index: dict) -> dict[str, tuple[Path, ...]]:
+def pipeline_weight_files(path: Path, model_index: dict, variant: str | None = None) -> dict[str, tuple[Path, ...]]:
     """Per component of ``model_index`` (``model_index.json`` of the pipeline folder ``path``)
     that has weights, the files ``from_pretrained`` loads. Raises :class:`LayoutError`,
     naming the component, for what would fail at load time: a listed component without its
@@ -113,7 +132,7 @@ def pipeline_weight_files(path: Path, model_index: dict) -> dict[str, tuple[Path
         if not folder.is_dir():
             raise LayoutError(f"component {comp!r} is listed in model_index.json but has no folder {folder}")
         try:
-            found = component_files(folder, str(value[0]))
+            found = component_files(folder, str(value[0]), variant)
         except LayoutError as exc:
             raise LayoutError(f"component {comp!r}: {exc}") from None
         if found.files:
@@ -125,11 +144,12 @@ def pipeline_weight_files(path: Path, model_index: dict) -> dict[str, tuple[Path
                 f"component {comp!r} has only pickle weights ({', '.join(pickles)}); pickle files can execute "
                 "code when loaded, so only safetensors are accepted. Convert them with safetensors first.")
         if found.unused:
+            asked = f"the variant {variant!r} or without one" if variant else "without a variant"
             raise LayoutError(
-                f"component {comp!r} has safetensors files that from_pretrained does not load without a variant "
-                f"({', '.join(found.unused)}); variant files (*.fp16.safetensors) are not loaded: save or "
-                "download the plain files (diffusion_pytorch_model.safetensors, model.safetensors, or their "
-                "shard index)")
+                f"component {comp!r} has safetensors files that from_pretrained does not load {asked} "
+                f"({', '.join(found.unused)}); for variant files (*.fp16.safetensors) set the checkpoint's "
+                "variant (variant: fp16), or keep the plain files (diffusion_pytorch_model.safetensors, "
+                "model.safetensors, or their shard index)")
         if (folder / "config.json").is_file():
             raise LayoutError(f"component {comp!r} has a config.json but no safetensors weights")
     if not out:

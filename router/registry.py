@@ -87,6 +87,10 @@ class CheckpointSpec(BaseModel):
     dtype: Dtype = Dtype.AUTO
     quantization: Quantization = Quantization.NONE
     family: Family = Family.AUTO
+    variant: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        description="Load the variant files (fp16: *.fp16.safetensors) where a component has them, as "
+                    "from_pretrained(variant=...) does; components without them load their plain files.")
     max_width: int = Field(default=1024, ge=8, le=8192, multiple_of=8)
     max_height: int = Field(default=1024, ge=8, le=8192, multiple_of=8)
     max_batch: int = Field(default=4, ge=1, le=64)
@@ -153,7 +157,7 @@ def _check_folder(spec: CheckpointSpec) -> None:
     if not isinstance(components, dict):
         raise RegistryError(f"{where}: model_index.json must be a JSON object")
     try:
-        pipeline_weight_files(spec.path, components)
+        pipeline_weight_files(spec.path, components, spec.variant)
     except LayoutError as exc:
         raise RegistryError(f"{where}: {exc}") from None
 

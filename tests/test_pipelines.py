@@ -325,3 +325,29 @@ def test_warm_up_records_what_it_cannot_import(demo_dir, tmp_path):
     assert w.failures[1].startswith("bogus: diffusers.NoSuchUNet: AttributeError")
     assert not any(str(tmp_path) in f for f in w.failures)  # reports are shown to clients
     assert w.as_dict()["classes"] == 6 and w.as_dict()["failures"] == list(w.failures)
+
+
+def test_a_variant_only_checkpoint_registers_estimates_and_loads_with_its_variant(demo_dir, tmp_path):
+    """save_pretrained(variant="fp16") writes only *.fp16.safetensors: refused without a
+    variant (from_pretrained would not find the files), served with variant: fp16, and the
+    estimate reads the files the load reads."""
+    from router.estimator import Estimator
+    from router.registry import CheckpointSpec, Registry, RegistryError
+
+    xs = P.load_pipeline(demo_dir["demo-xs"], dtype="float32")
+    folder = tmp_path / "xs-fp16-variant"
+    xs.save_pretrained(folder, variant="fp16", safe_serialization=True)
+    # A component that has only plain files loads them under the variant too (both libraries).
+    for f in (folder / "text_encoder").glob("*.fp16.safetensors"):
+        f.rename(f.with_name("model.safetensors"))
+    assert list((folder / "unet").glob("*.safetensors"))[0].name == "diffusion_pytorch_model.fp16.safetensors"
+    with pytest.raises(RegistryError, match="component 'unet'.*set the checkpoint's variant"):
+        Registry([CheckpointSpec(name="xs", path=folder)])
+    spec = CheckpointSpec(name="xs", path=folder, variant="fp16")
+    Registry([spec])
+    est = Estimator().estimate(spec, dtype="float32", width=64, height=64)
+    pipe = P.load_pipeline(folder, dtype="float32", variant="fp16")
+    measured = P.measure_bytes(pipe)
+    assert {k: v for k, v in est.component_bytes().items()} == {k: measured[k] for k in est.component_bytes()}
+    with pytest.raises(P.PipelineLoadError, match="no file named diffusion_pytorch_model.safetensors"):
+        P.load_pipeline(folder, dtype="float32")

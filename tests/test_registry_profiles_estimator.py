@@ -562,3 +562,17 @@ def test_an_auto_familys_bad_default_is_the_registrys_fault_not_the_clients(tmp_
         assert "set default_height in the registry" in info.value.message
     else:
         assert info.value.code == "invalid_request" and "width: 520 is not a multiple of 16" in info.value.message
+
+
+def test_with_a_variant_a_components_variant_files_count_and_plain_ones_elsewhere(tmp_path):
+    path = make_folder(tmp_path)
+    save_file({"big.weight": torch.zeros(100, 100)}, str(path / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    plain = Estimator().estimate(spec(path), dtype="float16", width=64, height=64).component_bytes()
+    fp16 = Estimator().estimate(spec(path, variant="fp16"), dtype="float16", width=64, height=64).component_bytes()
+    assert plain["unet"] == UNET_FLOATS * 2 + UNET_INTS_BYTES and fp16["unet"] == 100 * 100 * 2
+    assert plain["text_encoder"] == fp16["text_encoder"] == TE_FLOATS * 2 + TE_BUFFER  # no variant file: plain
+    from router.layout import with_variant
+
+    assert with_variant("model.safetensors.index.json", "fp16") == "model.safetensors.index.fp16.json"
+    with pytest.raises(Exception, match="variant"):
+        spec(path, variant="../fp16")
