@@ -482,7 +482,8 @@ def test_a_file_gone_between_listing_and_reading_is_an_estimate_error(tmp_path, 
     import router.estimator as estimator
 
     path = make_folder(tmp_path)
-    monkeypatch.setattr(estimator, "pipeline_weight_files", lambda p, index: {"unet": (p / "unet" / "gone.safetensors",)})
+    monkeypatch.setattr(estimator, "pipeline_weight_files",
+                        lambda p, index, variant=None: {"unet": (p / "unet" / "gone.safetensors",)})
     with pytest.raises(EstimateError, match=r"checkpoint 'ckpt': unet/gone\.safetensors: cannot read \(No such file"):
         Estimator().estimate(spec(path), dtype="float16", width=64, height=64)
 
