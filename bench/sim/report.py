@@ -80,7 +80,9 @@ def to_markdown(res: dict[str, Any]) -> str:
         c = b["mux_capacity"]
         lines.append(f"Policy (b) max_num_models_per_replica: {c['min']}..{c['max']} per replica, {c['total']} slots in all.")
     lines += ["", "All figures are simulated from modeled sizes, bandwidths and inference times (see the JSON "
-              "'assumptions'); only the decisions/s and wall times are measured on this machine.", ""]
+              "'assumptions'); only the decisions/s and wall times are measured on this machine. The CPU-time "
+              "interval of each decision encloses its wall-clock one, so it also counts a read of each clock "
+              "(the thread clock's is a system call): it can come out slightly below the wall figure.", ""]
     for p in res.get("plots", []):
         lines.append(f"![{p}]({p})")
     return "\n".join(lines) + "\n"
