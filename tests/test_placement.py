@@ -385,14 +385,15 @@ def test_unmatched_completions_are_remembered_briefly_and_boundedly():
     assert ledger._early == {}
 
 
-def test_a_replica_ray_removes_without_its_actor_dying_is_forgotten_by_the_ledger():
-    """Downscale, redeploy, rolling update: update_replicas drops the replica and Ray calls
-    no on_replica_actor_died; its ledger records stayed forever."""
+def _real_router(app_name: str, ids: list[str]):
+    """(async factory of a real MemoryAwareRequestRouter, made by Ray's constructor without a
+    cluster, with ``update_replicas`` of replicas ``ids``; the replicas by id). Ray's
+    constructor wants the router's event loop: call the factory inside one."""
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
 
     from router.request_router import MemoryAwareRequestRouter
 
-    dep = DeploymentID(name="ModelReplica", app_name="ledger-test")
+    dep = DeploymentID(name="ModelReplica", app_name=app_name)
 
     class Replica:
         max_ongoing_requests = 8
@@ -401,14 +402,27 @@ def test_a_replica_ray_removes_without_its_actor_dying_is_forgotten_by_the_ledge
             self.replica_id = ReplicaID(uid, dep)
             self.routing_stats = _report(100) | {"timestamp_s": 1.0, "report_seq": 1}
 
-    async def run() -> Ledger:  # Ray's constructor wants the router's event loop
+    replicas = {i: Replica(i) for i in ids}
+
+    def make() -> MemoryAwareRequestRouter:
         router = MemoryAwareRequestRouter(dep, DeploymentHandleSource.UNKNOWN)
         router.initialize_state()
-        kept = Replica("kept")
-        router.update_replicas([Replica("old"), kept])
+        router.update_replicas(list(replicas.values()))
+        return router
+
+    return make, replicas
+
+
+def test_a_replica_ray_removes_without_its_actor_dying_is_forgotten_by_the_ledger():
+    """Downscale, redeploy, rolling update: update_replicas drops the replica and Ray calls
+    no on_replica_actor_died; its ledger records stayed forever."""
+    make, reps = _real_router("ledger-test", ["old", "kept", "new"])
+
+    async def run() -> Ledger:
+        router = make()
         router._ledger.routed("c1", "old", "x", weights_bytes=40, now_s=5.0)
         router._ledger.routed("c2", "kept", "x", weights_bytes=40, now_s=5.0)
-        router.update_replicas([kept, Replica("new")])
+        router.update_replicas([reps["kept"], reps["new"]])
         return router._ledger
 
     ledger = asyncio.run(run())
@@ -421,29 +435,16 @@ def test_a_late_acceptance_by_a_removed_replica_is_not_recorded():
     removed it: the record would never be cleared (no more reports)."""
     import types
 
-    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
     from ray.serve._private.request_router.common import PendingRequest
 
-    from router.request_router import MemoryAwareRequestRouter
-
-    dep = DeploymentID(name="ModelReplica", app_name="ledger-test-2")
-
-    class Replica:
-        max_ongoing_requests = 8
-
-        def __init__(self, uid):
-            self.replica_id = ReplicaID(uid, dep)
-            self.routing_stats = _report(100) | {"timestamp_s": 1.0, "report_seq": 1}
+    make, reps = _real_router("ledger-test-2", ["old", "kept"])
 
     async def run() -> Ledger:
-        router = MemoryAwareRequestRouter(dep, DeploymentHandleSource.UNKNOWN)
-        router.initialize_state()
-        old, kept = Replica("old"), Replica("kept")
-        router.update_replicas([old, kept])
-        router.update_replicas([kept])
-        for rep, rid in ((old, "r1"), (kept, "r2")):
-            pr = PendingRequest(args=[{}, need()], kwargs={}, metadata=types.SimpleNamespace(internal_request_id=rid))
-            router.on_request_routed(pr, rep.replica_id, None)
+        router = make()
+        router.update_replicas([reps["kept"]])
+        for rid, call in (("old", "r1"), ("kept", "r2")):
+            pr = PendingRequest(args=[{}, need()], kwargs={}, metadata=types.SimpleNamespace(internal_request_id=call))
+            router.on_request_routed(pr, reps[rid].replica_id, None)
         return router._ledger
 
     ledger = asyncio.run(run())
