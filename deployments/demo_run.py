@@ -70,27 +70,34 @@ def load_app_args(config_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return doc, dict(apps[0].get("args") or {})
 
 
-def fresh_out_dir(out_dir: str) -> Path:
-    """The demo's output folder, with what an earlier run wrote there (its images and
-    timeline plots, by their names) removed, so that one run's files are not mixed with
-    another's. Nothing else in the folder is touched."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("memory-timeline-*.png"), *(out / "images").glob("*.png")]:
-        old.unlink()
-    return out
+MANIFEST_NAME = ".memrouter-demo-files"
 
 
-def print_row(i: int, r: dict[str, Any]) -> None:
-    if "error" in r:
-        say(f"{i:>3} {r.get('checkpoint', '?'):<8} -> ERROR {r['error']}")
-        return
-    t = r["timings_ms"]
-    say(f"{i:>3} {r['checkpoint']:<8} -> replica {r['replica'][:8]:<8} {r['served_from']:<6} "
-        f"total {t['total']:8.1f} ms  load {t['load']:8.1f} ms  inference {t['inference']:7.1f} ms")
+class DemoOutput:
+    """The demo's output folder. Every file a run writes is listed in a manifest there as it
+    is written; a new run first removes the files the last run listed, so that two runs'
+    images and plots do not mix. Nothing it did not write is touched (a folder may hold the
+    user's own files: ``--out .``)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.root = Path(out_dir)
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        self._manifest = self.root / MANIFEST_NAME
+        if self._manifest.is_file():
+            for rel in self._manifest.read_text(encoding="utf-8").splitlines():
+                old = self.root / rel
+                if rel and ".." not in Path(rel).parts and not Path(rel).is_absolute() and old.is_file():
+                    old.unlink()
+        self._manifest.write_text("", encoding="utf-8")
+
+    def path(self, rel: str) -> Path:
+        """Where to write ``rel`` (relative to the folder), listed in the manifest first."""
+        with self._manifest.open("a", encoding="utf-8") as f:
+            f.write(rel + "\n")
+        return self.root / rel
 
 
-def plot_timelines(samples: dict[str, list[tuple[float, int, int]]], budgets: dict[str, int], out_dir: Path) -> list[Path]:
+def plot_timelines(samples: dict[str, list[tuple[float, int, int]]], budgets: dict[str, int], out: DemoOutput) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +118,7 @@ def plot_timelines(samples: dict[str, list[tuple[float, int, int]]], budgets: di
         ax.set_title(f"replica {rid[:8]}: memory timeline")
         ax.legend(loc="upper left")
         fig.tight_layout()
-        path = out_dir / f"memory-timeline-{rid[:8]}.png"
+        path = out.path(f"memory-timeline-{rid[:8]}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -127,7 +134,7 @@ def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, 
     from deployments.app import build_app
     from deployments.demo import ensure_demo_checkpoints
 
-    out = fresh_out_dir(out_dir)
+    out = DemoOutput(out_dir)
     say("building the demo checkpoints (first run only) ...")
     paths = ensure_demo_checkpoints()
     for name, p in paths.items():
@@ -167,7 +174,7 @@ def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, 
                 if resp.status_code != 200:
                     return {"checkpoint": body["checkpoint"], "error": f"{resp.status_code} {data['error']['code']}"}
                 for k, img in enumerate(data["images"]):
-                    (out / "images" / f"{i:03d}-{data['checkpoint']}-{k}.png").write_bytes(base64.b64decode(img))
+                    out.path(f"images/{i:03d}-{data['checkpoint']}-{k}.png").write_bytes(base64.b64decode(img))
                 return data
 
             t_start = time.perf_counter()
@@ -189,10 +196,10 @@ def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, 
             say(f"replica {rep['replica_id'][:8]} [{rep['profile']}] used {rep['device_used_bytes'] / 1e6:.1f} of "
                 f"{rep['device_budget_bytes'] / 1e6:.1f} MB; hits {c['hits']} disk loads {c['disk_loads']} "
                 f"evictions {c['evictions']} releases {c['releases']} leaked {rep['leaked_modules']}; [{entries}]")
-        (out / "final_status.json").write_text(json.dumps(status, indent=2))
+        out.path("final_status.json").write_text(json.dumps(status, indent=2))
         for p in plot_timelines(samples, budgets, out):
             say(f"wrote {p}")
-        say(f"images in {out / 'images'}")
+        say(f"images in {out.root / 'images'}")
         return 0 if len(ok) == len(results) else 1
     finally:
         stop.set()
@@ -207,7 +214,7 @@ def run_local_demo(*, out_dir: str, n_requests: int, config_path: Path | None = 
     from deployments.replica import ModelReplica
     from router.api import GenerateRequest, resolve_request
 
-    out = fresh_out_dir(out_dir)
+    out = DemoOutput(out_dir)
     _, args = load_app_args(config_path)
     say("building the demo checkpoints (first run only) and starting one local replica ...")
     replica = ModelReplica(args)
@@ -224,7 +231,7 @@ def run_local_demo(*, out_dir: str, n_requests: int, config_path: Path | None = 
                 continue
             r["timings_ms"]["total"] = (time.perf_counter() - t0) * 1000
             print_row(i, r)
-            (out / "images" / f"{i:03d}-{r['checkpoint']}.png").write_bytes(base64.b64decode(r["images"][0]))
+            out.path(f"images/{i:03d}-{r['checkpoint']}.png").write_bytes(base64.b64decode(r["images"][0]))
         rep = replica.memory_report()
         say(f"final: used {rep['device_used_bytes'] / 1e6:.1f} of {rep['device_budget_bytes'] / 1e6:.1f} MB; "
             f"counters {rep['counters']}; leaked modules {rep['leaked_modules']}")

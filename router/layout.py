@@ -9,8 +9,9 @@ the component's library (``model_index.json``: ``"vae": ["diffusers", "Autoencod
 
 Other files in the folder are not loaded: a consolidated file left beside shards, a stray
 shard from an older revision, and variant files (``*.fp16.safetensors``), which load only
-with ``variant="fp16"`` (a checkpoint's ``variant`` in the registry): then a component's
-variant layout wins, and one without variant files loads its plain ones. Counting files
+with ``variant="fp16"`` (a checkpoint's ``variant`` in the registry): then a component
+with files of the variant loads the variant's layout, and one without loads its plain ones
+(diffusers' own rule, :func:`files_of_variant`). Counting files
 that do not load would over-estimate; accepting a folder whose files would not load would
 fail at load time. Components of other libraries fall back to every plain (or every
 variant) ``*.safetensors`` file.
@@ -22,6 +23,7 @@ this project.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,7 @@ class ComponentFiles:
 
     files: tuple[Path, ...]
     unused: tuple[str, ...]
+    variant_files: tuple[str, ...] = ()  # names that make from_pretrained load this component with the variant
 
 
 def is_variant_file(p: Path) -> bool:
@@ -103,18 +106,35 @@ def _layout_files(folder: Path, library: str, present: list[Path], variant: str 
     return ()
 
 
+def files_of_variant(folder: Path, variant: str) -> tuple[str, ...]:
+    """Names in ``folder`` by which diffusers loads it with ``variant``: its rule
+    (``_identify_model_variants``) is any file whose second dot-separated field starts with
+    the variant (``model.fp16.safetensors``, also ``model.fp16.bin``); it then passes the
+    variant to the component's loader, which does not fall back to plain files. A name
+    without a dot breaks that rule (an IndexError there): refused, naming it."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        parts = name.split(".")
+        if len(parts) < 2:
+            raise LayoutError(f"{name}: a file name without a dot, which diffusers' variant detection cannot "
+                              "read (it fails with an IndexError); move it out of the folder")
+        if parts[1].startswith(variant):
+            out.append(name)
+    return tuple(out)
+
+
 def component_files(folder: Path, library: str, variant: str | None = None) -> ComponentFiles:
     """The safetensors files ``from_pretrained`` loads from component ``folder`` of
-    ``library`` (see the module docstring). With a ``variant`` (``"fp16"``), a component's
-    variant files when it has them, else its plain files, as both libraries fall back
-    (measured with diffusers 0.42 and transformers 5.23). Raises :class:`LayoutError` for a
-    broken shard index or link; a folder with nothing it would load gives empty ``files``."""
+    ``library`` (see the module docstring). With a ``variant`` (``"fp16"``): a component
+    that has files of the variant (:func:`files_of_variant`) loads the variant's layout and
+    nothing else (empty ``files`` when it has none of it); one that has none loads its plain
+    files (checked with diffusers 0.42 and transformers 5.23). Raises :class:`LayoutError`
+    for a broken shard index or link; a folder with nothing it would load gives empty ``files``."""
     present = sorted(folder.glob("*.safetensors"))
-    files = _layout_files(folder, library, present, variant) if variant is not None else ()
-    if not files:
-        files = _layout_files(folder, library, present, None)
+    variant_files = files_of_variant(folder, variant) if variant is not None else ()
+    files = _layout_files(folder, library, present, variant if variant_files else None)
     chosen = set(files)
-    return ComponentFiles(files, tuple(p.name for p in present if p not in chosen))
+    return ComponentFiles(files, tuple(p.name for p in present if p not in chosen), variant_files)
 
 
 def pipeline_weight_files(path: Path, model_index: dict, variant: str | None = None) -> dict[str, tuple[Path, ...]]:
@@ -125,6 +145,7 @@ def pipeline_weight_files(path: Path, model_index: dict, variant: str | None = N
     have other config names) without the weights it loads (only pickles, only variants, a
     broken link or shard index, none). Components listed as ``[null, null]`` are skipped."""
     out: dict[str, tuple[Path, ...]] = {}
+    of_variant = False
     for comp, value in model_index.items():
         if comp.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
             continue
@@ -135,9 +156,18 @@ def pipeline_weight_files(path: Path, model_index: dict, variant: str | None = N
             found = component_files(folder, str(value[0]), variant)
         except LayoutError as exc:
             raise LayoutError(f"component {comp!r}: {exc}") from None
+        of_variant = of_variant or bool(found.variant_files)
         if found.files:
             out[comp] = found.files
             continue
+        if found.variant_files:
+            legacy = folder / f"diffusion_pytorch_model.safetensors.{variant}.index.json"
+            hint = (f"; its {legacy.name} is diffusers' deprecated sharded-variant layout: re-save the component "
+                    f"with save_pretrained(variant={variant!r})") if legacy.is_file() else ""
+            raise LayoutError(
+                f"component {comp!r} has files of the variant {variant!r} ({', '.join(found.variant_files[:4])}), "
+                f"so from_pretrained loads it with the variant, and it has no safetensors file or shard index "
+                f"of that variant{hint}")
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles and not found.unused:
             raise LayoutError(
@@ -154,4 +184,7 @@ def pipeline_weight_files(path: Path, model_index: dict, variant: str | None = N
             raise LayoutError(f"component {comp!r} has a config.json but no safetensors weights")
     if not out:
         raise LayoutError(f"no safetensors weights found under {path}")
+    if variant is not None and not of_variant:  # diffusers refuses such a folder (a ValueError)
+        raise LayoutError(f"variant {variant!r} is set, but no component has files of it: remove the variant "
+                          "setting for this folder")
     return out

@@ -101,7 +101,11 @@ class Ledger:
         prev = here.get(call)
         rid = call if request_id is None else request_id
         done_s = None
-        if not tentative:
+        if tentative:
+            # Picked here again (a retry): a completion remembered for this id here was an
+            # earlier attempt's (rejected), not this one's.
+            self._early.pop((rid, replica_id), None)
+        else:
             done_s = self._early.pop((rid, replica_id), None)
             if prev is not None and prev.tentative and prev.completed_s is not None:
                 done_s = prev.completed_s

@@ -226,13 +226,19 @@ def test_demo_refuses_bad_arguments_in_one_line_and_starts_nothing(tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-def test_the_demo_output_folder_holds_one_runs_files(tmp_path):
-    from deployments.demo_run import fresh_out_dir
+def test_the_demo_output_folder_holds_one_runs_files_and_never_the_users(tmp_path):
+    from deployments.demo_run import DemoOutput
 
-    (tmp_path / "images").mkdir()
-    old = [tmp_path / "memory-timeline-deadbeef.png", tmp_path / "images" / "007-demo-s.png"]
-    for p in old:
+    first = DemoOutput(tmp_path)
+    written = [first.path("memory-timeline-deadbeef.png"), first.path("images/007-demo-s.png")]
+    for p in written:
         p.write_bytes(b"png")
-    (tmp_path / "notes.txt").write_text("mine")
-    assert fresh_out_dir(str(tmp_path)) == tmp_path
-    assert not any(p.exists() for p in old) and (tmp_path / "notes.txt").read_text() == "mine"
+    mine = [tmp_path / "images" / "logo.png", tmp_path / "images" / "001-my-own.png", tmp_path / "memory-timeline-x.png"]
+    for p in mine:
+        p.write_bytes(b"mine")
+    second = DemoOutput(tmp_path)  # the next run
+    assert not any(p.exists() for p in written)
+    assert all(p.read_bytes() == b"mine" for p in mine)  # only what the last run listed goes
+    second.path("images/000-demo-xs.png").write_bytes(b"png")
+    DemoOutput(tmp_path)
+    assert not (tmp_path / "images" / "000-demo-xs.png").exists() and all(p.exists() for p in mine)

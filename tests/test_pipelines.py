@@ -351,3 +351,8 @@ def test_a_variant_only_checkpoint_registers_estimates_and_loads_with_its_varian
     assert {k: v for k, v in est.component_bytes().items()} == {k: measured[k] for k in est.component_bytes()}
     with pytest.raises(P.PipelineLoadError, match="no file named diffusion_pytorch_model.safetensors"):
         P.load_pipeline(folder, dtype="float32")
+    # The reverse: a plain folder with the variant set is refused, as diffusers refuses it.
+    with pytest.raises(RegistryError, match="variant 'fp16' is set, but no component has files of it"):
+        Registry([CheckpointSpec(name="plain", path=demo_dir["demo-xs"], variant="fp16")])
+    with pytest.raises(P.PipelineLoadError, match="variant=fp16"):
+        P.load_pipeline(demo_dir["demo-xs"], dtype="float32", variant="fp16")

@@ -372,6 +372,17 @@ def test_an_early_completion_where_no_call_ran_completes_the_call_accepted_there
     assert ledger.pending("b") == [("x", 1)]
 
 
+def test_a_rejected_attempts_completion_does_not_end_the_retry_picked_there_again():
+    """Picked b, sent to a (Ray went past the pick), a rejected (its completion comes), the
+    retry picks a and a accepts: that call runs."""
+    ledger = Ledger()
+    ledger.routed("c1", "b", "x", weights_bytes=40, now_s=1.0, tentative=True, request_id="r1")
+    ledger.completed("r1", "a", now_s=1.01)  # the rejected attempt on a
+    ledger.routed("c1", "a", "x", weights_bytes=40, now_s=1.5, tentative=True, request_id="r1")  # the retry's pick
+    ledger.routed("c1", "a", "x", weights_bytes=40, now_s=1.6, request_id="r1")  # accepted
+    assert ledger.pending("a") == [("x", 1)] and ledger.pending("b") == []
+
+
 def test_unmatched_completions_are_remembered_briefly_and_boundedly():
     from router import ledger as ledger_mod
 

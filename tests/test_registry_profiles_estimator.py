@@ -577,3 +577,25 @@ def test_with_a_variant_a_components_variant_files_count_and_plain_ones_elsewher
     assert with_variant("model.safetensors.index.json", "fp16") == "model.safetensors.index.fp16.json"
     with pytest.raises(Exception, match="variant"):
         spec(path, variant="../fp16")
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda p: None, "variant 'fp16' is set, but no component has files of it"),  # diffusers: ValueError
+    (lambda p: (p / "unet" / "diffusion_pytorch_model.fp16.bin").write_bytes(b"x"),  # older hub repos
+     r"component 'unet' has files of the variant 'fp16' \(diffusion_pytorch_model\.fp16\.bin\), so from_pretrained "
+     r"loads it with the variant, and it has no safetensors file or shard index of that variant"),
+    (lambda p: (p / "unet" / "LICENSE").write_text("x"), "LICENSE: a file name without a dot"),
+    (lambda p: ((p / "unet" / "diffusion_pytorch_model.safetensors.fp16.index.json").write_text("{}"),
+                (p / "unet" / "diffusion_pytorch_model-00001-of-00001.fp16.safetensors").write_bytes(b"x")),
+     "deprecated sharded-variant layout: re-save"),
+])
+def test_a_variant_folder_is_accepted_exactly_as_diffusers_would_load_it(tmp_path, setup, match):
+    """diffusers gives a component the variant when any of its files' second dot-field
+    starts with it, and then does not fall back to plain files; with no such component at
+    all it refuses the folder."""
+    path = make_folder(tmp_path)
+    setup(path)
+    if "LICENSE" in match:
+        save_file({"w": torch.zeros(2)}, str(path / "text_encoder" / "model.fp16.safetensors"))
+    with pytest.raises(RegistryError, match=match):
+        Registry([spec(path, variant="fp16")])
