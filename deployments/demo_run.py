@@ -97,6 +97,15 @@ class DemoOutput:
         return self.root / rel
 
 
+def print_row(i: int, r: dict[str, Any]) -> None:
+    if "error" in r:
+        say(f"{i:>3} {r.get('checkpoint', '?'):<8} -> ERROR {r['error']}")
+        return
+    t = r["timings_ms"]
+    say(f"{i:>3} {r['checkpoint']:<8} -> replica {r['replica'][:8]:<8} {r['served_from']:<6} "
+        f"total {t['total']:8.1f} ms  load {t['load']:8.1f} ms  inference {t['inference']:7.1f} ms")
+
+
 def plot_timelines(samples: dict[str, list[tuple[float, int, int]]], budgets: dict[str, int], out: DemoOutput) -> list[Path]:
     import matplotlib
 
