@@ -242,3 +242,29 @@ def test_the_demo_output_folder_holds_one_runs_files_and_never_the_users(tmp_pat
     second.path("images/000-demo-xs.png").write_bytes(b"png")
     DemoOutput(tmp_path)
     assert not (tmp_path / "images" / "000-demo-xs.png").exists() and all(p.exists() for p in mine)
+
+
+def test_memrouter_demo_local_runs_and_writes_one_runs_images(tmp_path, capsys):
+    """The README's first command, in its no-Ray form (--local): the whole path it prints
+    and writes."""
+    from deployments import cli
+
+    assert cli.main(["demo", "--local", "--requests", "3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("-> replica") == 3 and "leaked modules 0" in out
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000-demo-xs.png", "001-demo-xs.png",
+                                                                        "002-demo-s.png"]
+    assert cli.main(["demo", "--local", "--requests", "1", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000-demo-xs.png"]
+
+
+def test_memrouter_demo_runs_the_serve_app_end_to_end(tmp_path):
+    """``memrouter demo`` itself (Ray and Serve in a child process, as a user runs it)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "deployments.cli", "demo", "--requests", "4", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "4/4 requests answered 200" in r.stdout
+    assert len(list(tmp_path.glob("memory-timeline-*.png"))) == 2 and (tmp_path / "final_status.json").is_file()
