@@ -12,6 +12,7 @@ import base64
 import json
 import random
 import socket
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,27 +75,57 @@ MANIFEST_NAME = ".memrouter-demo-files"
 
 
 class DemoOutput:
-    """The demo's output folder. Every file a run writes is listed in a manifest there as it
-    is written; a new run first removes the files the last run listed, so that two runs'
-    images and plots do not mix. Nothing it did not write is touched (a folder may hold the
-    user's own files: ``--out .``)."""
+    """The demo's output folder. Every file a run writes is listed in a manifest there once
+    written (its name, size and modification time); a new run first removes the files the
+    last run listed that are still as it left them, so that two runs' images and plots do
+    not mix. Nothing else is touched: a folder may hold the user's own files (``--out .``),
+    and a hand-edited or unreadable manifest, or one that is a link, removes nothing."""
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         self._manifest = self.root / MANIFEST_NAME
-        if self._manifest.is_file():
-            for rel in self._manifest.read_text(encoding="utf-8").splitlines():
-                old = self.root / rel
-                if rel and ".." not in Path(rel).parts and not Path(rel).is_absolute() and old.is_file():
-                    old.unlink()
+        for rel, size, mtime_ns in self._listed():
+            old = self.root / rel
+            try:
+                st = old.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                old.unlink()
+        if self._manifest.is_symlink():
+            self._manifest.unlink()  # replaced, never written through
         self._manifest.write_text("", encoding="utf-8")
 
-    def path(self, rel: str) -> Path:
-        """Where to write ``rel`` (relative to the folder), listed in the manifest first."""
+    def _listed(self) -> list[tuple[str, int, int]]:
+        if self._manifest.is_symlink() or not self._manifest.is_file():
+            return []
+        out = []
+        for line in self._manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split("\t")
+            if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+                continue
+            rel = Path(parts[2])
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                continue
+            out.append((parts[2], int(parts[0]), int(parts[1])))
+        return out
+
+    def wrote(self, rel: str) -> Path:
+        """List ``rel`` (written under the folder just now) in the manifest; its path."""
+        path = self.root / rel
+        st = path.stat()
         with self._manifest.open("a", encoding="utf-8") as f:
-            f.write(rel + "\n")
-        return self.root / rel
+            f.write(f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n")
+        return path
+
+    def write_bytes(self, rel: str, data: bytes) -> Path:
+        (self.root / rel).write_bytes(data)
+        return self.wrote(rel)
+
+    def write_text(self, rel: str, text: str) -> Path:
+        (self.root / rel).write_text(text, encoding="utf-8")
+        return self.wrote(rel)
 
 
 def print_row(i: int, r: dict[str, Any]) -> None:
@@ -127,10 +158,10 @@ def plot_timelines(samples: dict[str, list[tuple[float, int, int]]], budgets: di
         ax.set_title(f"replica {rid[:8]}: memory timeline")
         ax.legend(loc="upper left")
         fig.tight_layout()
-        path = out.path(f"memory-timeline-{rid[:8]}.png")
-        fig.savefig(path, dpi=100)
+        rel = f"memory-timeline-{rid[:8]}.png"
+        fig.savefig(out.root / rel, dpi=100)
         plt.close(fig)
-        paths.append(path)
+        paths.append(out.wrote(rel))
     return paths
 
 
@@ -183,7 +214,7 @@ def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, 
                 if resp.status_code != 200:
                     return {"checkpoint": body["checkpoint"], "error": f"{resp.status_code} {data['error']['code']}"}
                 for k, img in enumerate(data["images"]):
-                    out.path(f"images/{i:03d}-{data['checkpoint']}-{k}.png").write_bytes(base64.b64decode(img))
+                    out.write_bytes(f"images/{i:03d}-{data['checkpoint']}-{k}.png", base64.b64decode(img))
                 return data
 
             t_start = time.perf_counter()
@@ -205,7 +236,7 @@ def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, 
             say(f"replica {rep['replica_id'][:8]} [{rep['profile']}] used {rep['device_used_bytes'] / 1e6:.1f} of "
                 f"{rep['device_budget_bytes'] / 1e6:.1f} MB; hits {c['hits']} disk loads {c['disk_loads']} "
                 f"evictions {c['evictions']} releases {c['releases']} leaked {rep['leaked_modules']}; [{entries}]")
-        out.path("final_status.json").write_text(json.dumps(status, indent=2))
+        out.write_text("final_status.json", json.dumps(status, indent=2))
         for p in plot_timelines(samples, budgets, out):
             say(f"wrote {p}")
         say(f"images in {out.root / 'images'}")
@@ -240,7 +271,7 @@ def run_local_demo(*, out_dir: str, n_requests: int, config_path: Path | None = 
                 continue
             r["timings_ms"]["total"] = (time.perf_counter() - t0) * 1000
             print_row(i, r)
-            out.path(f"images/{i:03d}-{r['checkpoint']}.png").write_bytes(base64.b64decode(r["images"][0]))
+            out.write_bytes(f"images/{i:03d}-{r['checkpoint']}.png", base64.b64decode(r["images"][0]))
         rep = replica.memory_report()
         say(f"final: used {rep['device_used_bytes'] / 1e6:.1f} of {rep['device_budget_bytes'] / 1e6:.1f} MB; "
             f"counters {rep['counters']}; leaked modules {rep['leaked_modules']}")

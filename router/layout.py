@@ -111,13 +111,15 @@ def files_of_variant(folder: Path, variant: str) -> tuple[str, ...]:
     (``_identify_model_variants``) is any file whose second dot-separated field starts with
     the variant (``model.fp16.safetensors``, also ``model.fp16.bin``); it then passes the
     variant to the component's loader, which does not fall back to plain files. A name
-    without a dot breaks that rule (an IndexError there): refused, naming it."""
+    without a dot breaks that rule (an IndexError there, unless a file of the variant comes
+    first in the directory's order, which a copy of the folder need not keep): refused,
+    naming it."""
     out = []
     for name in sorted(os.listdir(folder)):
         parts = name.split(".")
         if len(parts) < 2:
-            raise LayoutError(f"{name}: a file name without a dot, which diffusers' variant detection cannot "
-                              "read (it fails with an IndexError); move it out of the folder")
+            raise LayoutError(f"{name}: a file name without a dot, on which diffusers' variant detection may fail "
+                              "(an IndexError, depending on the directory's order); move it out of the folder")
         if parts[1].startswith(variant):
             out.append(name)
     return tuple(out)
@@ -146,6 +148,16 @@ def pipeline_weight_files(path: Path, model_index: dict, variant: str | None = N
     broken link or shard index, none). Components listed as ``[null, null]`` are skipped."""
     out: dict[str, tuple[Path, ...]] = {}
     of_variant = False
+    if variant is not None:
+        # diffusers looks at every folder model_index.json names, [null, null] ones too (a
+        # safety_checker set to null with its folder left in place).
+        for comp, value in model_index.items():
+            if not comp.startswith("_") and isinstance(value, list) and value and value[0] is None \
+                    and (path / comp).is_dir():
+                try:
+                    of_variant = bool(files_of_variant(path / comp, variant)) or of_variant
+                except LayoutError as exc:
+                    raise LayoutError(f"component {comp!r} (null in model_index.json): {exc}") from None
     for comp, value in model_index.items():
         if comp.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
             continue

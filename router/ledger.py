@@ -102,9 +102,12 @@ class Ledger:
         rid = call if request_id is None else request_id
         done_s = None
         if tentative:
-            # Picked here again (a retry): a completion remembered for this id here was an
-            # earlier attempt's (rejected), not this one's.
-            self._early.pop((rid, replica_id), None)
+            # A retry of this call (it was routed before) picked here: a completion remembered
+            # for its id here was an earlier attempt's (rejected), not this one's. Not on a
+            # first pick: that completion may be a sibling call's (a shared id) still owed
+            # to its acceptance.
+            if old is not None:
+                self._early.pop((rid, replica_id), None)
         else:
             done_s = self._early.pop((rid, replica_id), None)
             if prev is not None and prev.tentative and prev.completed_s is not None:

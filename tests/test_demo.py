@@ -227,21 +227,34 @@ def test_demo_refuses_bad_arguments_in_one_line_and_starts_nothing(tmp_path, cap
 
 
 def test_the_demo_output_folder_holds_one_runs_files_and_never_the_users(tmp_path):
-    from deployments.demo_run import DemoOutput
+    from deployments.demo_run import MANIFEST_NAME, DemoOutput
 
     first = DemoOutput(tmp_path)
-    written = [first.path("memory-timeline-deadbeef.png"), first.path("images/007-demo-s.png")]
-    for p in written:
-        p.write_bytes(b"png")
+    written = [first.write_bytes("memory-timeline-deadbeef.png", b"png"), first.write_bytes("images/007-demo-s.png", b"x")]
     mine = [tmp_path / "images" / "logo.png", tmp_path / "images" / "001-my-own.png", tmp_path / "memory-timeline-x.png"]
     for p in mine:
         p.write_bytes(b"mine")
     second = DemoOutput(tmp_path)  # the next run
     assert not any(p.exists() for p in written)
     assert all(p.read_bytes() == b"mine" for p in mine)  # only what the last run listed goes
-    second.path("images/000-demo-xs.png").write_bytes(b"png")
+    kept = second.write_bytes("images/000-demo-xs.png", b"png")
+    kept.write_bytes(b"the user's edit")  # changed since the demo wrote it: not the demo's any more
+    (tmp_path / MANIFEST_NAME).open("a").write("4\t0\tREADME.md\n\xff\n../../etc/passwd\n")  # hand edits
+    (tmp_path / "README.md").write_text("mine")
     DemoOutput(tmp_path)
-    assert not (tmp_path / "images" / "000-demo-xs.png").exists() and all(p.exists() for p in mine)
+    assert kept.read_bytes() == b"the user's edit" and (tmp_path / "README.md").read_text() == "mine"
+    assert all(p.exists() for p in mine)
+
+
+def test_a_manifest_that_is_a_link_is_replaced_not_written_through(tmp_path):
+    from deployments.demo_run import MANIFEST_NAME, DemoOutput
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / MANIFEST_NAME).symlink_to(target)
+    DemoOutput(tmp_path / "out").write_bytes("images/000-x.png", b"png")
+    assert target.read_text() == "keep" and not (tmp_path / "out" / MANIFEST_NAME).is_symlink()
 
 
 def test_memrouter_demo_local_runs_and_writes_one_runs_images(tmp_path, capsys):

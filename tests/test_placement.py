@@ -372,6 +372,21 @@ def test_an_early_completion_where_no_call_ran_completes_the_call_accepted_there
     assert ledger.pending("b") == [("x", 1)]
 
 
+def test_a_siblings_first_pick_keeps_an_early_completion_owed_to_another_call():
+    """Two calls share a request id: X picked on a, sent to b, completed there before its
+    acceptance is recorded; sibling Y is first picked on b. X's completion stays X's."""
+    ledger = Ledger()
+    ledger.routed("X", "a", "x", weights_bytes=40, now_s=1.0, tentative=True, request_id="r")
+    ledger.completed("r", "b", now_s=1.01)
+    ledger.routed("Y", "b", "x", weights_bytes=40, now_s=1.02, tentative=True, request_id="r")
+    ledger.routed("X", "b", "x", weights_bytes=40, now_s=1.03, request_id="r")  # X accepted: already done
+    ledger.routed("Y", "b", "x", weights_bytes=40, now_s=1.04, request_id="r")
+    assert ledger.pending("b") == [("x", 1)]  # Y alone runs
+    ledger.completed("r", "b", now_s=2.0)
+    ledger.report_arrived("b", 3.0)
+    assert len(ledger) == 0
+
+
 def test_a_rejected_attempts_completion_does_not_end_the_retry_picked_there_again():
     """Picked b, sent to a (Ray went past the pick), a rejected (its completion comes), the
     retry picks a and a accepts: that call runs."""

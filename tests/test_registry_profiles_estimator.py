@@ -579,6 +579,19 @@ def test_with_a_variant_a_components_variant_files_count_and_plain_ones_elsewher
         spec(path, variant="../fp16")
 
 
+def test_with_a_variant_the_folders_of_null_components_count_as_diffusers_reads_them(tmp_path):
+    """diffusers looks at every folder model_index.json names, [null, null] ones too."""
+    path = make_folder(tmp_path)  # safety_checker: [null, null]
+    (path / "safety_checker").mkdir()
+    (path / "safety_checker" / "model.fp16.safetensors").write_bytes(b"x")  # left in place
+    Registry([spec(path, variant="fp16")])  # a file of the variant exists: diffusers loads it
+    (path / "safety_checker" / "LICENSE").write_text("x")
+    with pytest.raises(RegistryError, match=r"component 'safety_checker' \(null in model_index.json\): LICENSE: "
+                                            r"a file name without a dot"):
+        Registry([spec(path, variant="fp16")])
+    Registry([spec(path)])  # without a variant nothing of it is read
+
+
 @pytest.mark.parametrize("setup, match", [
     (lambda p: None, "variant 'fp16' is set, but no component has files of it"),  # diffusers: ValueError
     (lambda p: (p / "unet" / "diffusion_pytorch_model.fp16.bin").write_bytes(b"x"),  # older hub repos
