@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 import weakref
@@ -160,6 +161,22 @@ def _redact(text: str, path: Path) -> str:
     for form in {str(path.resolve()), str(path.absolute()), str(path)}:
         text = text.replace(form, path.name)
     return text
+
+
+def folder_signature(path: Path) -> tuple:
+    """(relative path, size, mtime ns) of every file under ``path``, sorted, links followed:
+    a cheap test of whether a checkpoint folder changed (a few dozen stat calls), without
+    reading a byte of it. Unreadable entries count by their name alone."""
+    out = []
+    for root, _dirs, files in os.walk(path, followlinks=True):
+        for name in files:
+            p = Path(root) / name
+            try:
+                st = p.stat()
+                out.append((str(p.relative_to(path)), st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append((str(p.relative_to(path)), -1, -1))
+    return tuple(sorted(out))
 
 
 def load_pipeline(path: Path, *, dtype: str, quantization: str = "none", device: str = "cpu",

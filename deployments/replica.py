@@ -62,6 +62,9 @@ def encode_png(image: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+_FAILED_LOAD_MEMORY_S = 60.0  # how long a failed load (not out of memory) is answered without trying again
+
+
 class ModelReplica:
     """The GPU-side deployment. ``config`` is the app's args (validated as AppConfig)."""
 
@@ -94,6 +97,12 @@ class ModelReplica:
             self._backend,
         )
         self._estimator = Estimator()
+        # checkpoint -> (its folder's signature, the message, when) of a load that failed for a
+        # reason other than memory: refused again without evicting anything while the folder
+        # is unchanged, for up to _FAILED_LOAD_MEMORY_S (the estimate fits, so each retry
+        # evicted the warm set for a load that would fail; the bound lets a transient cause,
+        # a network filesystem's error, be retried).
+        self._failed_loads: dict[str, tuple[tuple, str, float]] = {}
         # Before the first request: Serve routes to a replica only once its constructor returns.
         self._warm_up = pipelines.warm_up(spec.path for spec in self._registry) if cfg.replica.warm_up else None
         if self._warm_up is not None and self._warm_up.failures:
@@ -176,6 +185,12 @@ class ModelReplica:
             return error(404, "unknown_checkpoint", str(exc))
         except EstimateError as exc:
             return error(500, "checkpoint_unreadable", str(exc))
+        failed = self._failed_loads.get(req.checkpoint)
+        if failed is not None:
+            if time.monotonic() - failed[2] < _FAILED_LOAD_MEMORY_S and pipelines.folder_signature(spec.path) == failed[0]:
+                return error(500, "checkpoint_load_failed", f"{failed[1]} (its files are unchanged since that load "
+                             f"failed, under {_FAILED_LOAD_MEMORY_S:.0f} s ago: fix them to retry now)")
+            self._failed_loads.pop(req.checkpoint, None)  # changed, or long ago: try again
         with self._run_slot:
             started_s = time.time()
             for attempt in (1, 2):
@@ -186,8 +201,10 @@ class ModelReplica:
                         if isinstance(exc, pipelines.PipelineLoadError):
                             # Named by its registry name; the reason names only the folder's
                             # last component, never the host path.
-                            return error(500, "checkpoint_load_failed",
-                                         f"checkpoint {req.checkpoint!r} could not be loaded: {exc.reason}")
+                            message = f"checkpoint {req.checkpoint!r} could not be loaded: {exc.reason}"
+                            self._failed_loads[req.checkpoint] = (pipelines.folder_signature(spec.path), message,
+                                                                  time.monotonic())
+                            return error(500, "checkpoint_load_failed", message)
                         log.exception("generate failed for %s", req.checkpoint)
                         return error(500, "inference_failed", f"{type(exc).__name__} while running {req.checkpoint!r}")
                     log.warning("out of memory serving %s (attempt %d): %s", req.checkpoint, attempt, type(exc).__name__)

@@ -436,7 +436,7 @@ def test_admin_offload_and_release_wait_for_a_load_off_the_replicas_event_loop(r
     assert replica.memory_report()["entries"] == []
 
 
-def test_replica_names_a_broken_checkpoint_by_its_registry_name_only(demo_dir, tmp_path):
+def test_replica_names_a_broken_checkpoint_by_its_registry_name_only(demo_dir, tmp_path, monkeypatch):
     from deployments.demo import demo_registry_entries
     from deployments.replica import ModelReplica
 
@@ -453,6 +453,18 @@ def test_replica_names_a_broken_checkpoint_by_its_registry_name_only(demo_dir, t
         assert str(tmp_path) not in r["error"]["message"]
         assert rep.memory_report()["entries"] == []
         assert rep._generate_sync(_request("demo-xs"))["status"] == 200
+        # A retry while the files are unchanged is answered without a load (so without
+        # evicting for one); once they change, it is tried again.
+        again = rep._generate_sync(_request("broken"))
+        assert again["status"] == 500 and "unchanged since that load failed" in again["error"]["message"]
+        counters = rep.memory_report()["counters"]
+        assert counters["load_failures"] == 1 and counters["releases"] == 0
+        monkeypatch.setattr("deployments.replica._FAILED_LOAD_MEMORY_S", 0.0)  # past the memory: tried again
+        assert rep._generate_sync(_request("broken"))["error"]["code"] == "checkpoint_load_failed"
+        assert rep.memory_report()["counters"]["load_failures"] == 2
+        monkeypatch.undo()
+        shutil.copy(demo_dir["demo-xs"] / "unet" / "config.json", folder / "unet" / "config.json")  # fixed
+        assert rep._generate_sync(_request("broken"))["status"] == 200
     finally:
         rep.shutdown()
 
