@@ -164,11 +164,18 @@ def _redact(text: str, path: Path) -> str:
 
 
 def folder_signature(path: Path) -> tuple:
-    """(relative path, size, mtime ns) of every file under ``path``, sorted, links followed:
-    a cheap test of whether a checkpoint folder changed (a few dozen stat calls), without
-    reading a byte of it. Unreadable entries count by their name alone."""
+    """(relative path, size, mtime ns) of every file under ``path``, sorted, links followed
+    (a folder reached twice, as through a link to a parent, is walked once): a cheap test
+    of whether a checkpoint folder changed (a few dozen stat calls), without reading a byte
+    of it. Unreadable entries count by their name alone."""
     out = []
-    for root, _dirs, files in os.walk(path, followlinks=True):
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         for name in files:
             p = Path(root) / name
             try:

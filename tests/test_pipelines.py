@@ -356,3 +356,15 @@ def test_a_variant_only_checkpoint_registers_estimates_and_loads_with_its_varian
         Registry([CheckpointSpec(name="plain", path=demo_dir["demo-xs"], variant="fp16")])
     with pytest.raises(P.PipelineLoadError, match="variant=fp16"):
         P.load_pipeline(demo_dir["demo-xs"], dtype="float32", variant="fp16")
+
+
+def test_folder_signature_sees_any_change_and_survives_a_link_loop(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    (tmp_path / "model_index.json").write_text("{}")
+    first = P.folder_signature(tmp_path)
+    assert [name for name, _, _ in first] == ["model_index.json", "unet/config.json"]
+    (tmp_path / "unet" / "loop").symlink_to(tmp_path)  # a link to a parent: walked once, not forever
+    assert P.folder_signature(tmp_path) == first
+    (tmp_path / "unet" / "config.json").write_text('{"a": 1}')
+    assert P.folder_signature(tmp_path) != first
