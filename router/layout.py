@@ -148,20 +148,19 @@ def pipeline_weight_files(path: Path, model_index: dict, variant: str | None = N
     broken link or shard index, none). Components listed as ``[null, null]`` are skipped."""
     out: dict[str, tuple[Path, ...]] = {}
     of_variant = False
-    if variant is not None:
-        # diffusers looks at every folder model_index.json names, [null, null] ones too (a
-        # safety_checker set to null with its folder left in place).
-        for comp, value in model_index.items():
-            if not comp.startswith("_") and isinstance(value, list) and value and value[0] is None \
-                    and (path / comp).is_dir():
-                try:
-                    of_variant = bool(files_of_variant(path / comp, variant)) or of_variant
-                except LayoutError as exc:
-                    raise LayoutError(f"component {comp!r} (null in model_index.json): {exc}") from None
     for comp, value in model_index.items():
-        if comp.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
+        if comp.startswith("_") or not isinstance(value, list) or not value:
             continue
         folder = path / comp
+        if value[0] is None:
+            # Nothing loads from it, but diffusers' variant rule looks at every folder
+            # model_index.json names, these too (a safety_checker set to null, its folder left).
+            if variant is not None and folder.is_dir():
+                try:
+                    of_variant = bool(files_of_variant(folder, variant)) or of_variant
+                except LayoutError as exc:
+                    raise LayoutError(f"component {comp!r} (null in model_index.json): {exc}") from None
+            continue
         if not folder.is_dir():
             raise LayoutError(f"component {comp!r} is listed in model_index.json but has no folder {folder}")
         try:
