@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = demo_run.find_config(args.config)
             demo_run.load_app_args(config)  # a config without a memrouter app: one line, before anything starts
-        except (OSError, ValueError, KeyError, IndexError) as exc:
+        except (OSError, ValueError) as exc:  # what find_config and load_app_args raise
             print(f"memrouter demo: {exc}", file=sys.stderr)
             return 2
         try:
