@@ -206,21 +206,34 @@ class FleetIndex:
             else:
                 s = None
             scores[slot] = s
-            if old is not None and s is not None and old.base == s.base and \
-                    (not sized or old.fixed_s == s.fixed_s):
-                continue  # the same place in both lists (a view that still fits, say)
-            if old is not None:
-                i = bisect_left(order, old.base | slot)
-                assert order[i] & mask == slot, "FleetIndex order lost a slot: this is a bug"
-                del order[i]
-                if sized:
+            # Each list moves only where its own key changed: order by base, by_fixed by
+            # fixed_s (bench/sim: most moves change one of the two, e.g. the victims' last
+            # use and not the bytes evicted).
+            if old is None:
+                if s is None:
+                    continue
+                moved_base = moved_fixed = True
+            elif s is None:
+                moved_base = moved_fixed = True
+            else:
+                moved_base = old.base != s.base
+                moved_fixed = sized and old.fixed_s != s.fixed_s
+                if not moved_base and not moved_fixed:
+                    continue  # the same place in both lists (a view that still fits, say)
+            if moved_base:
+                if old is not None:
+                    i = bisect_left(order, old.base | slot)
+                    assert order[i] & mask == slot, "FleetIndex order lost a slot: this is a bug"
+                    del order[i]
+                if s is not None:
+                    insort(order, s.base | slot)
+            if sized and moved_fixed:
+                if old is not None:
                     key = fixed_keys.pop(slot)
                     i = bisect_left(by_fixed, key)
                     assert by_fixed[i] == key, "FleetIndex by_fixed lost a slot: this is a bug"
                     del by_fixed[i]
-            if s is not None:
-                insort(order, s.base | slot)
-                if sized:
+                if s is not None:
                     key = fixed_keys[slot] = (_fixed_image(s.fixed_s) << _FIELD_BITS) | slot
                     insort(by_fixed, key)
 

@@ -57,7 +57,7 @@ class _lazy:
         return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EntryView:
     tier: str  # "device" | "host"
     bytes: int
@@ -490,9 +490,12 @@ def _best_wait_s(held) -> float | None:
     no measured times (the gate then goes by rank); inf for none."""
     best = _INF
     for s, q, v in held:
-        if s.fixed_s is None:
+        fixed_s = s.fixed_s
+        if fixed_s is None:
             return None
-        best = min(best, q * v.inference_s + s.fixed_s)
+        wait_s = q * v.inference_s + fixed_s
+        if wait_s < best:  # min() without its call: this runs per holder per decision
+            best = wait_s
     return best
 
 
