@@ -26,6 +26,7 @@ decides otherwise, its replay says so (orders not equal) and times different wor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import io
 import json
@@ -44,7 +45,7 @@ from bench.machine import machine_info, machine_md
 from bench.sim.engine import Simulation
 from bench.sim.runner import RESULTS, build_world, parser, scenario_from_args
 from router.fleet_index import FleetIndex
-from router.placement import Need, ReplicaView
+from router.placement import EntryView, Need, ReplicaView
 
 
 class RecordingIndex(FleetIndex):
@@ -175,9 +176,42 @@ def _replay_in_child(calls_path: Path, router_dir: Path | None) -> dict[str, Any
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _portable(calls: list[tuple]) -> list[tuple]:
+    """The calls in plain types (dicts, tuples, numbers, strings): the revision's classes
+    may lay their objects out otherwise (slots, new fields), so a pickle of this checkout's
+    objects would not load there. Views keep their init fields by name, entries as
+    (tier, bytes, idle_s, in_use)."""
+    out = []
+    for c in calls:
+        if c[0] == "v":
+            v = c[2]
+            if v is not None:
+                v = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.init}
+                v["entries"] = {n: (e.tier, e.bytes, e.idle_s, e.in_use) for n, e in v["entries"].items()}
+            out.append(("v", c[1], v))
+        else:
+            n = c[1]
+            out.append(("r", (n.checkpoint, dict(n.weights_bytes), dict(n.workspace_bytes)), c[2], c[3], c[4]))
+    return out
+
+
+def _from_portable(data: list[tuple]) -> list[tuple]:
+    """:func:`_portable`'s calls rebuilt with the classes this interpreter imported."""
+    out = []
+    for c in data:
+        if c[0] == "v":
+            v = c[2]
+            if v is not None:
+                v = ReplicaView(**dict(v, entries={n: EntryView(*e) for n, e in v["entries"].items()}))
+            out.append(("v", c[1], v))
+        else:
+            out.append(("r", Need(*c[1]), c[2], c[3], c[4]))
+    return out
+
+
 def _child(calls_path: str) -> None:
     with open(calls_path, "rb") as f:
-        calls = pickle.load(f)
+        calls = _from_portable(pickle.load(f))
     out = replay(calls, clock=time.thread_time_ns)
     here = Path(sys.modules[FleetIndex.__module__].__file__).resolve().parent.parent
     out["router"] = "this checkout" if here == _REPO else "git archive of the revision"
@@ -196,7 +230,7 @@ def run_ab(argv: list[str], against: str, pairs: int) -> dict[str, Any]:
         calls, policy = record(argv)
         calls_path = Path(tmp) / "calls.pkl"
         with open(calls_path, "wb") as f:
-            pickle.dump(calls, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(_portable(calls), f, protocol=pickle.HIGHEST_PROTOCOL)
         runs = []
         for _ in range(pairs):
             runs.append((_replay_in_child(calls_path, other), _replay_in_child(calls_path, None)))

@@ -189,6 +189,30 @@ def test_sim_replay_against_a_revision_replays_both_indexes_in_pairs(tmp_path):
     assert (tmp_path / "sim_replay_ab.md").read_text().startswith("# Simulated placement decisions replayed")
 
 
+def test_sim_replay_hands_a_revision_its_calls_in_plain_types():
+    """A revision's classes may differ in layout (EntryView gained slots, and a pickle of
+    the new objects failed to load under the old one), so the calls travel as plain
+    values and are rebuilt with the replaying interpreter's classes, equal to the originals."""
+    import pickle
+    import pickletools
+
+    from bench.sim_replay import _from_portable, _portable, record
+
+    calls, _ = record(["--small", "--policies", "a"])
+    blob = pickle.dumps(_portable(calls), protocol=pickle.HIGHEST_PROTOCOL)
+    globals_used = {arg for op, arg, _ in pickletools.genops(blob) if op.name in ("GLOBAL", "STACK_GLOBAL")}
+    assert not any("router" in str(g) for g in globals_used)
+    back = _from_portable(pickle.loads(blob))
+    assert len(back) == len(calls)
+    for old, new in zip(calls, back):
+        if old[0] == "v":
+            assert new[2] == old[2]  # every compared field, entries included
+        else:
+            assert (new[1].checkpoint, new[1].weights_bytes, new[1].workspace_bytes) == \
+                (old[1].checkpoint, old[1].weights_bytes, old[1].workspace_bytes)
+            assert new[2:] == old[2:]
+
+
 def test_sim_replay_against_an_unknown_revision_names_it():
     from bench.sim_replay import run_ab
 
