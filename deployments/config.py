@@ -67,6 +67,14 @@ class ReplicaSettings(BaseModel):
             raise ValueError(f"unknown profile {v!r}; use one of {list(known)}")
         return v
 
+    @model_validator(mode="after")
+    def _profile_needs_its_gpu(self) -> "ReplicaSettings":
+        # A table profile on a replica with no GPU would take the board's budget of host RAM.
+        if self.profile in profiles.PROFILES and self.num_gpus == 0:
+            raise ValueError(f"profile {self.profile!r} is a GPU profile but num_gpus is 0: give the replica "
+                             f"num_gpus: 1, or use profile 'auto' or 'cpu'")
+        return self
+
     @field_validator("profile_overrides")
     @classmethod
     def _overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +95,11 @@ class AppConfig(BaseModel):
     def _registry_kind(self) -> "AppConfig":
         if isinstance(self.registry, str) and self.registry != "demo" and not self.registry.endswith((".yaml", ".yml")):
             raise ValueError("registry must be 'demo', a path to a .yaml file, or a list of checkpoints")
+        if isinstance(self.registry, list):
+            # The entries, not their files (those may be readable only where the replicas
+            # run): a typo'd field fails the build, and an in-place update with it is refused
+            # while the running app keeps serving, instead of every new replica failing to start.
+            Registry.from_entries(self.registry, check_files=False)
         return self
 
     def load_registry(self, *, base_dir: Path | None = None) -> Registry:

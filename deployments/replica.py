@@ -77,6 +77,7 @@ class ModelReplica:
         self.profile = profiles.resolve(
             cfg.replica.profile, cuda_device=cuda, available_ram_bytes=available_ram_bytes(),
             cpu_budget_bytes=cfg.replica.cpu_budget_bytes, overrides=cfg.replica.profile_overrides,
+            gpu_fraction=min(1.0, cfg.replica.num_gpus) if cfg.replica.num_gpus > 0 else 1.0,
         )
         self.device = "cuda" if cuda is not None and self.profile.is_cuda else "cpu"
         # The fault-injection test seam exists only when the config asks for it (off by default).

@@ -194,7 +194,8 @@ def detect(device_name: str, total_bytes: int) -> HardwareProfile:
     An unknown GPU gets a generic profile built from its measured total (fp16 default,
     since bf16 support cannot be assumed). When the board reports less than the table's
     total (MIG slices, vGPU), the profile takes the measured total, a reserve by the table's
-    rule on it, and the board's host budget and resident cap scaled by its share. Caveat:
+    rule on it (or the board's reserve scaled by its share, if larger), and the board's host
+    budget and resident cap scaled by its share. Caveat:
     the host RAM is the node's, shared by every slice's replica; set host_budget_bytes in
     profile_overrides where the node has less than the board's row assumes.
     """
@@ -218,20 +219,24 @@ def detect(device_name: str, total_bytes: int) -> HardwareProfile:
         key = None
     if key is not None:
         base = PROFILES[key]
-        if total_bytes < base.total_bytes:
-            # A slice of the board: its own CUDA context reserve (the table's rule on its total,
-            # at most half), and its share of the host tier and of the resident cap, so that
-            # the slices of one board together hold what the board would.
-            share = total_bytes / base.total_bytes
-            return dataclasses.replace(
-                base, total_bytes=total_bytes, reserve_bytes=min(max(GIB, total_bytes // 20), total_bytes // 2),
-                host_budget_bytes=int(base.host_budget_bytes * share),
-                max_resident_pipelines=max(1, round(base.max_resident_pipelines * share)))
-        return base
+        return _slice(base, total_bytes) if total_bytes < base.total_bytes else base
     return dataclasses.replace(
         _gpu(GENERIC_GPU_NAME, total_bytes / GIB, bf16=False, max_resident=4, host_gib=32),
         total_bytes=total_bytes,
     )
+
+
+def _slice(base: HardwareProfile, total_bytes: int) -> HardwareProfile:
+    """``base`` cut to ``total_bytes`` of its board (a MIG slice, a vGPU, a fractional GPU):
+    its own CUDA context reserve (the table's rule on its total, at most half), and its
+    share of the host tier and of the resident cap, so that the slices of one board
+    together hold what the board would."""
+    share = total_bytes / base.total_bytes
+    reserve = max(GIB, total_bytes // 20, int(base.reserve_bytes * share))  # a board's own reserve, shared
+    return dataclasses.replace(
+        base, total_bytes=total_bytes, reserve_bytes=min(reserve, total_bytes // 2),
+        host_budget_bytes=int(base.host_budget_bytes * share),
+        max_resident_pipelines=max(1, round(base.max_resident_pipelines * share)))
 
 
 def resolve(
@@ -241,18 +246,41 @@ def resolve(
     available_ram_bytes: int,
     cpu_budget_bytes: int | None = None,
     overrides: Mapping[str, Any] | None = None,
+    gpu_fraction: float = 1.0,
 ) -> HardwareProfile:
     """Resolve the configured profile name (``auto``, a table key or ``cpu``).
 
     ``cuda_device`` is ``(name, total_bytes)`` of the visible CUDA device or None.
-    ``auto`` detects the GPU when one is visible, else the cpu profile.
+    ``auto`` detects the GPU when one is visible, else the cpu profile. ``gpu_fraction``:
+    the replica's share of its GPU (Ray's num_gpus, when below 1): a GPU profile becomes
+    that share of the board, with a reserve of its own (each process has its own CUDA
+    context), so that replicas sharing one board do not each budget all of it. Overrides
+    describe the whole board: the share is taken after them.
+
+    A table profile needs a CUDA device at least as large (after ``overrides``): ValueError
+    otherwise, since its budget would be a promise of memory the device does not have.
     """
+    if not 0 < gpu_fraction <= 1:
+        raise ValueError(f"gpu_fraction must be in (0, 1], got {gpu_fraction}")
     if name == "auto":
         profile = detect(*cuda_device) if cuda_device else cpu_profile(available_ram_bytes=available_ram_bytes, budget_bytes=cpu_budget_bytes)
     elif name == CPU_PROFILE_NAME:
         profile = cpu_profile(available_ram_bytes=available_ram_bytes, budget_bytes=cpu_budget_bytes)
     elif name in PROFILES:
         profile = PROFILES[name]
+        if cuda_device is None:
+            raise ValueError(f"profile {name!r} is a GPU profile but this replica sees no CUDA device: give it "
+                             f"num_gpus: 1, or use profile 'auto' or 'cpu'")
     else:
         raise ValueError(f"profile: unknown name {name!r}; use 'auto', 'cpu' or one of {sorted(PROFILES)}")
-    return profile.with_overrides(overrides)
+    profile = profile.with_overrides(overrides)
+    if name in PROFILES:
+        device_name, device_total = cuda_device
+        if device_total < profile.total_bytes:
+            raise ValueError(
+                f"profile {name!r} assumes {profile.total_bytes / GIB:.1f} GiB, but the visible CUDA device "
+                f"{device_name!r} has {device_total / GIB:.1f} GiB: use profile 'auto' (it takes the device's own "
+                f"total) or set total_bytes in profile_overrides")
+    if profile.is_cuda and gpu_fraction < 1:
+        profile = _slice(profile, int(profile.total_bytes * gpu_fraction))
+    return profile

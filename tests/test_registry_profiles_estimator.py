@@ -295,11 +295,64 @@ def test_replica_profile_settings_are_refused_when_the_app_is_built_naming_the_f
 def test_good_profile_settings_validate_and_apply():
     from deployments.config import AppConfig
 
-    cfg = AppConfig.model_validate({"replica": {"profile": "L4-24GB", "profile_overrides": {
+    cfg = AppConfig.model_validate({"replica": {"profile": "L4-24GB", "num_gpus": 1, "profile_overrides": {
         "reserve_bytes": 2 * GIB, "idle_release_s": float("inf"), "idle_offload_s": 30}}})
-    p = profiles.resolve(cfg.replica.profile, cuda_device=None, available_ram_bytes=GIB,
+    p = profiles.resolve(cfg.replica.profile, cuda_device=("NVIDIA L4", 22 * GIB), available_ram_bytes=GIB,
                          overrides=cfg.replica.profile_overrides)
     assert (p.reserve_bytes, p.idle_release_s, p.idle_offload_s) == (2 * GIB, float("inf"), 30)
+
+
+def test_a_table_profile_needs_a_cuda_device_at_least_its_size():
+    # Each would have been a budget of memory the device does not have.
+    with pytest.raises(ValueError, match="'H100-80GB' is a GPU profile but this replica sees no CUDA device"):
+        profiles.resolve("H100-80GB", cuda_device=None, available_ram_bytes=64 * GIB)
+    with pytest.raises(ValueError, match=r"'H100-80GB' assumes 79.0 GiB, but the visible CUDA device 'Tesla T4' "
+                                         r"has 15.0 GiB"):
+        profiles.resolve("H100-80GB", cuda_device=("Tesla T4", 15 * GIB), available_ram_bytes=64 * GIB)
+    p = profiles.resolve("H100-80GB", cuda_device=("Tesla T4", 15 * GIB), available_ram_bytes=64 * GIB,
+                         overrides={"total_bytes": 15 * GIB})  # said outright: taken
+    assert p.total_bytes == 15 * GIB
+    from deployments.config import AppConfig
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="'T4-16GB' is a GPU profile but num_gpus is 0"):
+        AppConfig.model_validate({"replica": {"profile": "T4-16GB"}})
+
+
+def test_replicas_sharing_a_gpu_each_budget_their_share_of_it():
+    board = profiles.PROFILES["H100-80GB"]
+    h100 = ("NVIDIA H100 80GB HBM3", board.total_bytes)
+    half = profiles.resolve("auto", cuda_device=h100, available_ram_bytes=GIB, gpu_fraction=0.5)
+    assert half.total_bytes == board.total_bytes // 2
+    assert half.reserve_bytes == board.reserve_bytes // 2  # the board's reserve, shared (> 1 GiB, > 5%)
+    assert 2 * half.device_budget_bytes <= board.device_budget_bytes  # was 2x the board's budget
+    assert half.host_budget_bytes == board.host_budget_bytes // 2 and half.max_resident_pipelines == 8
+    quarter = profiles.resolve("H100-80GB", cuda_device=h100, available_ram_bytes=GIB, gpu_fraction=0.25,
+                               overrides={"reserve_bytes": 8 * GIB})  # overrides describe the board
+    assert quarter.total_bytes == board.total_bytes // 4 and quarter.reserve_bytes == 2 * GIB
+    assert profiles.resolve("cpu", cuda_device=None, available_ram_bytes=8 * GIB, gpu_fraction=0.5).total_bytes \
+        == 2 * GIB  # the cpu profile has no board to share
+    with pytest.raises(ValueError, match="gpu_fraction must be in"):
+        profiles.resolve("auto", cuda_device=h100, available_ram_bytes=GIB, gpu_fraction=0)
+
+
+def test_inline_registry_entries_are_checked_when_the_app_is_built():
+    """Not their files (those may be readable only where the replicas run): a typo fails the
+    build, so an in-place update with it is refused while the running app keeps serving."""
+    from pydantic import ValidationError
+
+    from deployments.config import AppConfig
+
+    good = {"name": "sdxl", "path": "/models/sdxl", "family": "sdxl"}
+    AppConfig.model_validate({"registry": [good]})  # no such folder here: not checked
+    for entry, match in [
+        (dict(good, quantisation="nf4"), r"checkpoint 'sdxl': quantisation: Extra inputs are not permitted"),
+        (dict(good, family="flux", default_width=1000), "not a multiple of 16"),
+    ]:
+        with pytest.raises(ValidationError, match=match):
+            AppConfig.model_validate({"registry": [entry]})
+    with pytest.raises(ValidationError, match="'sdxl': name: registered twice"):
+        AppConfig.model_validate({"registry": [good, good]})
 
 
 def test_a_nan_idle_timeout_is_refused_it_would_switch_the_timers_off():
