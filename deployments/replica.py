@@ -124,6 +124,9 @@ class ModelReplica:
         self._run_slot = threading.Semaphore(1)
         self._cancelled = 0  # requests skipped because their caller had given up (see generate)
         self._timeline: collections.deque = collections.deque(maxlen=TIMELINE_SAMPLES)
+        # The largest device_used_bytes of any timeline sample or report since start: the
+        # timeline is a ring, and a long run would drop the samples that held the peak.
+        self._peak_device_used_bytes = 0
         self._metrics = ReplicaMetrics()
         self._service_times = ServiceTimes()
         self._stop = threading.Event()
@@ -146,6 +149,7 @@ class ModelReplica:
     def _sample(self, event: str) -> CacheReport:
         rep = self.cache.report()
         self._timeline.append((time.time(), rep.device_used_bytes, rep.host_used_bytes, event))
+        self._peak_device_used_bytes = max(self._peak_device_used_bytes, rep.device_used_bytes)
         return rep
 
     # ---- requests ----------------------------------------------------------------------------
@@ -287,6 +291,7 @@ class ModelReplica:
         """The replica report (JSON-serializable); see DESIGN.md."""
         rep = self.cache.report()
         cuda = pipelines.cuda_memory_bytes()
+        self._peak_device_used_bytes = max(self._peak_device_used_bytes, rep.device_used_bytes)
         report = {
             "replica_id": self.replica_id,
             "profile": self.profile.name,
@@ -297,6 +302,7 @@ class ModelReplica:
             "device_budget_bytes": rep.device_budget_bytes,
             "device_used_bytes": rep.device_used_bytes,
             "device_free_bytes": rep.device_free_bytes,
+            "peak_device_used_bytes": self._peak_device_used_bytes,
             "workspace_in_flight_bytes": rep.workspace_in_flight_bytes,
             "host_budget_bytes": rep.host_budget_bytes,
             "host_used_bytes": rep.host_used_bytes,
@@ -429,7 +435,7 @@ class _FaultyBackend(TorchBackend):
 # the driver's view of device memory (other processes move it). Entries' idle_s also grows
 # with time alone; the router reads it as a last-use time (timestamp_s - idle_s), which
 # does not.
-_UNROUTED_FIELDS = frozenset({"timestamp_s", "cuda", "report_seq", "requests_cancelled"})
+_UNROUTED_FIELDS = frozenset({"timestamp_s", "cuda", "report_seq", "requests_cancelled", "peak_device_used_bytes"})
 
 
 def _routing_fingerprint(report: dict[str, Any]) -> str:

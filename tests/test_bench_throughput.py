@@ -116,6 +116,27 @@ def test_missed_targets_names_inference_slowed_by_a_shared_machine():
     assert "(a)'s mean inference took 2.14x (b)'s (140.8 vs 65.8 ms)" in line
     doc["systems"]["a"]["mean_ms"]["inference"] = 70.0  # no slower than (b)'s: not blamed
     assert "mean inference took" not in missed_targets(doc)[0]
+    assert "this harness runs all four systems on the CPU" in line  # not "a GPU run" it cannot make
+
+
+def test_missed_targets_blames_placement_only_when_a_loaded_as_much():
+    """bench/results/throughput_saturated.md said (a)'s "placement broke down" while it
+    loaded 40 times to (b)'s 268: its service time was longer because its inference was."""
+    from bench.throughput import missed_targets
+
+    def system(load_ms, inference_ms, disk):
+        return {"throughput_rps": 9.0, "makespan_s": 50.0, "ok": 480, "served_from": {"disk": disk},
+                "mean_ms": {"load": load_ms, "inference": inference_ms}}
+
+    doc = {"trace": {"requests": 480, "duration_s": 20.0},
+           "systems": {"a": system(38.5, 170.1, 40), "b": system(111.1, 78.3, 268)},
+           "verdict": [{"target": "throughput vs (b)", "wanted": ">= 2.0x", "measured": 0.97, "met": False}]}
+    (line,) = missed_targets(doc)
+    assert "placement broke down" not in line
+    assert "(a) loaded less per request; its inference took longer (170.1 vs 78.3 ms)" in line
+    doc["systems"]["a"]["mean_ms"] = {"load": 120.0, "inference": 80.0}
+    doc["systems"]["a"]["served_from"]["disk"] = 290
+    assert "its placement broke down in this run" in missed_targets(doc)[0]
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -395,6 +395,21 @@ def test_replica_answers_503_after_a_second_out_of_memory_error_and_serves_the_n
     assert replica._generate_sync(_request("demo-xs", seed=1))["status"] == 200
 
 
+def test_the_reported_peak_outlives_the_timeline_ring(replica):
+    """bench.throughput reads (a)'s peak from here: the timeline keeps its last
+    TIMELINE_SAMPLES samples only, and a long run dropped the ones that held the peak."""
+    from deployments.replica import TIMELINE_SAMPLES
+
+    assert replica._generate_sync(_request("demo-s"))["status"] == 200
+    peak = max(d for _, d, _, _ in replica._timeline)  # weights + the request's workspace
+    rep = replica.memory_report()
+    assert rep["peak_device_used_bytes"] == peak > rep["device_used_bytes"] > 0
+    for _ in range(TIMELINE_SAMPLES):
+        replica._sample("idle")
+    assert max(d for _, d, _, _ in replica._timeline) < peak  # the ring lost it
+    assert replica.memory_report()["peak_device_used_bytes"] == peak
+
+
 def test_report_seq_moves_with_the_replicas_state_not_with_time(replica):
     """The request router keeps a replica's view while report_seq stays (request_router.rank_for)."""
     assert replica._generate_sync(_request("demo-xs"))["status"] == 200
