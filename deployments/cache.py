@@ -216,7 +216,7 @@ class PipelineCache:
         self._workspace_bytes = 0
         self._in_flight = 0
         self._leaving_bytes = 0  # evicted in the books, device memory not yet given back
-        self._measured: dict[str, int] = {}  # name -> device bytes its last disk load measured
+        self._measured: dict[str, tuple[int, int]] = {}  # name -> (estimate, device bytes) of its last disk load
         self._lock = threading.RLock()
         self._io = threading.Lock()
 
@@ -389,8 +389,14 @@ class PipelineCache:
         with self._lock:
             e = self._entries.get(name)
             tier = e.tier if e is not None else Tier.DISK
-            # A disk load plans with the larger of the estimate and what it measured last time.
-            entry_bytes = e.bytes if e is not None else max(weights_bytes, self._measured.get(name, 0))
+            # A disk load plans with the larger of the estimate and what it measured last time,
+            # while the estimate is the one it measured against: a checkpoint whose files were
+            # replaced (a new estimate) is planned afresh, not at its old version's size.
+            if e is not None:
+                entry_bytes = e.bytes
+            else:
+                estimate, measured = self._measured.get(name, (weights_bytes, 0))
+                entry_bytes = max(weights_bytes, measured if estimate == weights_bytes else 0)
             need = workspace_bytes + (0 if tier is Tier.DEVICE else entry_bytes)
             plan = self._plan(name, need, tier is not Tier.DEVICE, entry_bytes + workspace_bytes)
             if isinstance(plan, Shortfall):
@@ -436,7 +442,8 @@ class PipelineCache:
         load_s = self._clock() - start
         with self._lock:
             if tier is Tier.DISK:
-                e.bytes = self._measured[name] = measured
+                e.bytes = measured
+                self._measured[name] = (weights_bytes, measured)
                 self._counters.disk_loads += 1
             else:
                 self._counters.host_reloads += 1

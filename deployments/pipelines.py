@@ -13,7 +13,9 @@ SIGBUS on truncation) a pipeline already in memory.
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import itertools
 import logging
 import os
 import threading
@@ -127,6 +129,28 @@ def _tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
         if id(t) not in seen:
             seen.add(id(t))
             yield t
+
+
+def _quant_state_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The bitsandbytes quantization state of ``module``'s layers, which lives beside the
+    parameters, not in them: a 4-bit weight's ``quant_state`` (absmax and code, and the
+    nested pair under double quantization), an 8-bit weight's and layer state's ``SCB`` and
+    ``CB``. Read by attribute (bitsandbytes is not imported): nf4 without double
+    quantization keeps a float32 absmax per 64 weights, 12.5% on top of the packed weights."""
+    for m in module.modules():
+        holders = [getattr(m, "state", None)]
+        for p in m.parameters(recurse=False):
+            holders.append(p)
+            qs = getattr(p, "quant_state", None)
+            while qs is not None:
+                yield from (t for t in (getattr(qs, "absmax", None), getattr(qs, "code", None),
+                                        getattr(qs, "offset", None)) if isinstance(t, torch.Tensor))
+                qs = getattr(qs, "state2", None)
+        for h in holders:
+            for attr in ("SCB", "CB"):
+                t = getattr(h, attr, None)
+                if isinstance(t, torch.Tensor):
+                    yield t
 
 
 def _rehome(tensors: list[torch.Tensor], make_storage: Callable[[torch.UntypedStorage], torch.UntypedStorage]) -> None:
@@ -326,18 +350,19 @@ def module_components(pipe: Any) -> dict[str, torch.nn.Module]:
 
 
 def measure_bytes(pipe: Any, device: str | None = None) -> dict[str, int]:
-    """Bytes of parameters + buffers per module component, each storage counted once.
+    """Bytes of parameters + buffers + bitsandbytes quantization state per module
+    component, each storage counted once.
 
     ``device`` (``"cpu"``/``"cuda"``, a device type) restricts the count to tensors there.
     A storage shared by two components is counted in the first one only. Caveats: counts
-    whole storages (a view of a larger tensor counts the larger one), and misses tensors
-    that are neither parameters nor buffers (e.g. bitsandbytes quantization state).
+    whole storages (a view of a larger tensor counts the larger one), and misses other
+    tensors that are neither parameters nor buffers (attributes a custom layer keeps).
     """
     seen: set[tuple[str, int]] = set()
     out: dict[str, int] = {}
     for name, module in module_components(pipe).items():
         total = 0
-        for t in _tensors(module):
+        for t in itertools.chain(_tensors(module), _quant_state_tensors(module)):
             if t.device.type == "meta" or (device is not None and t.device.type != device):
                 continue
             storage = t.untyped_storage()
@@ -465,10 +490,28 @@ def free_pipeline(pipe: Any, tracker: LeakTracker | None) -> None:
 
 
 def empty_device_cache() -> None:
-    """gc, then return the CUDA caching allocator's free blocks to the driver (if CUDA)."""
+    """gc, then return the CUDA caching allocator's free blocks to the driver (if CUDA),
+    and the C heap's free memory to the OS (glibc only)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    _trim_host_heap()
+
+
+_MALLOC_TRIM: list = []  # [glibc's malloc_trim, or None where there is none], resolved on first use
+
+
+def _trim_host_heap() -> None:
+    """glibc keeps freed heap memory for reuse: a cpu replica that released its pipelines
+    still held all of their RAM (review: 0.0 MB back after three releases; malloc_trim gave
+    back 142.9 MB), while its report said 0 used. A no-op where the C library is not glibc."""
+    if not _MALLOC_TRIM:
+        try:
+            _MALLOC_TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _MALLOC_TRIM.append(None)
+    if _MALLOC_TRIM[0] is not None:
+        _MALLOC_TRIM[0](0)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -19,6 +19,7 @@ import os
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -179,6 +180,18 @@ class ModelReplica:
         log.info("skipped %s %s: its caller had given up", where, checkpoint)
         return error(499, "cancelled", f"the request for {checkpoint!r} was cancelled before {where}")
 
+    def _remembered_failure(self, checkpoint: str, path: Path) -> dict[str, Any] | None:
+        """The 500 of a load of ``checkpoint`` that failed (not out of memory) under
+        _FAILED_LOAD_MEMORY_S ago, while its folder is unchanged; None: try it."""
+        failed = self._failed_loads.get(checkpoint)
+        if failed is None:
+            return None
+        if time.monotonic() - failed[2] < _FAILED_LOAD_MEMORY_S and pipelines.folder_signature(path) == failed[0]:
+            return error(500, "checkpoint_load_failed", f"{failed[1]} (its files are unchanged since that load "
+                         f"failed, under {_FAILED_LOAD_MEMORY_S:.0f} s ago: fix them to retry now)")
+        self._failed_loads.pop(checkpoint, None)  # changed, or long ago: try again
+        return None
+
     def _generate_sync(self, request: dict[str, Any], cancelled: threading.Event | None = None) -> dict[str, Any]:
         sent_at_s = float(request.get("sent_at_s", time.time()))
         req = ResolvedRequest.model_validate({k: v for k, v in request.items() if k != "sent_at_s"})
@@ -190,14 +203,16 @@ class ModelReplica:
             return error(404, "unknown_checkpoint", str(exc))
         except EstimateError as exc:
             return error(500, "checkpoint_unreadable", str(exc))
-        failed = self._failed_loads.get(req.checkpoint)
-        if failed is not None:
-            if time.monotonic() - failed[2] < _FAILED_LOAD_MEMORY_S and pipelines.folder_signature(spec.path) == failed[0]:
-                return error(500, "checkpoint_load_failed", f"{failed[1]} (its files are unchanged since that load "
-                             f"failed, under {_FAILED_LOAD_MEMORY_S:.0f} s ago: fix them to retry now)")
-            self._failed_loads.pop(req.checkpoint, None)  # changed, or long ago: try again
+        refused = self._remembered_failure(req.checkpoint, spec.path)
+        if refused is not None:
+            return refused
         with self._run_slot:
             started_s = time.time()
+            # Again in the slot: requests that queued behind the load that failed would each
+            # evict for it and fail the same way.
+            refused = self._remembered_failure(req.checkpoint, spec.path)
+            if refused is not None:
+                return refused
             for attempt in (1, 2):
                 try:
                     return self._run_once(req, est, queue_ms=(started_s - sent_at_s) * 1000, cancelled=cancelled)

@@ -177,6 +177,21 @@ def test_a_measured_overrun_is_planned_for_on_the_next_load():
     assert backend.calls == [("to_host", "a"), ("to_host", "b"), ("load", "d")]
 
 
+def test_a_replaced_checkpoint_is_planned_at_its_new_estimate_not_its_old_measured_size():
+    """Its files replaced (a new estimate), the old version's measurement no longer applies:
+    it made a permanent 413 of a checkpoint that now fits, until the replica restarted."""
+    cache, backend, clock = make(measured_delta={"d": 60})  # this version of d measures 110 > budget
+    assert isinstance(cache.acquire("d", weights_bytes=50), Shortfall)
+    again = cache.acquire("d", weights_bytes=50)  # same estimate: the measurement stands
+    assert isinstance(again, Shortfall) and again.permanent and again.need_bytes == 110
+    backend.measured_delta.clear()
+    backend.sizes["d"] = 20  # the folder replaced by a smaller version: its estimate is 20
+    lease = cache.acquire("d", weights_bytes=20)
+    assert isinstance(lease, Lease) and lease.served_from is Tier.DISK
+    lease.release()
+    assert cache.report().entry("d").bytes == 20
+
+
 def test_a_resident_entry_whose_workspace_can_never_fit_is_a_permanent_shortfall():
     cache, backend, clock = make()
     use(cache, clock, "d")  # 50 resident

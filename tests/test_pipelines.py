@@ -177,6 +177,31 @@ def test_measure_bytes_counts_tied_weights_once():
     assert measured == {"first": (100 + 10) * 4, "second": 10 * 4}
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_measure_bytes_counts_bitsandbytes_quantization_state(kind):
+    """The cache books a disk load at its measured bytes: nf4's absmax (a float32 per 64
+    weights, 12.5% of the packed weights) was left out, so the books ran under the device."""
+    import types
+
+    bnb = pytest.importorskip("bitsandbytes")
+    rows = cols = 256
+    if kind == "nf4":  # the project's config: no double quantization
+        layers = [bnb.nn.Linear4bit(cols, rows, bias=False, quant_type="nf4", compute_dtype=torch.float32,
+                                    compress_statistics=False) for _ in range(2)]
+    else:
+        layers = [bnb.nn.Linear8bitLt(cols, rows, bias=False, has_fp16_weights=False) for _ in range(2)]
+    try:
+        for m in layers:
+            m.weight = m.weight._quantize("cpu")
+    except Exception as exc:  # noqa: BLE001 - a bitsandbytes without CPU quantization
+        pytest.skip(f"bitsandbytes cannot quantize on CPU here: {exc}")
+    model = torch.nn.Sequential(*layers)
+    measured = P.measure_bytes(types.SimpleNamespace(components={"transformer": model}))["transformer"]
+    weights = 2 * rows * cols // (2 if kind == "nf4" else 1)  # packed 4-bit / int8
+    scales = 2 * (rows * cols // 64 * 4 if kind == "nf4" else rows * 4)  # absmax per block / SCB per row
+    assert weights + scales <= measured <= weights + scales + 4096  # + the small shared code tables
+
+
 def test_move_to_cpu_keeps_weights(xs):
     before, measured = state(xs), P.measure_bytes(xs)
     P.move_pipeline(xs, "cpu", pin_host_memory=True)  # pinning is skipped without CUDA
@@ -237,6 +262,28 @@ def test_free_leaves_no_live_modules(demo_dir):
     del pipe
     assert tracker.leaked() == 0
     assert tracker.tracked() == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status; glibc's heap")
+def test_freeing_a_pipeline_gives_its_ram_back_to_the_os(demo_dir):
+    """A cpu replica's report says 0 used after a release; its process held the RAM (glibc
+    keeps freed heap memory: 87 of 109 MB still resident after a free of demo-l)."""
+
+    def anon_bytes() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+    import ctypes
+
+    P.free_pipeline(P.load_pipeline(demo_dir["demo-l"], dtype="float32"), None)  # imports, first-use caches
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the baseline without heap memory kept for reuse
+    before = anon_bytes()
+    pipe = P.load_pipeline(demo_dir["demo-l"], dtype="float32")
+    loaded = anon_bytes() - before
+    assert loaded > 50_000_000
+    P.free_pipeline(pipe, None)
+    del pipe
+    assert anon_bytes() - before < 0.25 * loaded
 
 
 def test_leak_tracker_sees_a_kept_reference(demo_dir):

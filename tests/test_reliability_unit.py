@@ -7,6 +7,7 @@ docs/reliability.md lists which test covers which case.
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import shutil
 import threading
@@ -468,15 +469,27 @@ def test_replica_names_a_broken_checkpoint_by_its_registry_name_only(demo_dir, t
         assert str(tmp_path) not in r["error"]["message"]
         assert rep.memory_report()["entries"] == []
         assert rep._generate_sync(_request("demo-xs"))["status"] == 200
+        # Requests that queued for the run slot behind the load that failed: not one more
+        # load (each evicted the warm set for its estimate, then failed the same way).
+        rep._failed_loads.clear()
+        rep._run_slot.acquire()  # a request running: the next three queue
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            queued = [pool.submit(rep._generate_sync, _request("broken", seed=i)) for i in range(3)]
+            time.sleep(1.0)  # each is past the check before the slot
+            rep._run_slot.release()
+            codes = [f.result()["error"]["code"] for f in queued]
+        assert codes == ["checkpoint_load_failed"] * 3
+        counters = rep.memory_report()["counters"]
+        assert counters["load_failures"] == 2 and counters["releases"] == 0  # the first and one of the three
         # A retry while the files are unchanged is answered without a load (so without
         # evicting for one); once they change, it is tried again.
         again = rep._generate_sync(_request("broken"))
         assert again["status"] == 500 and "unchanged since that load failed" in again["error"]["message"]
         counters = rep.memory_report()["counters"]
-        assert counters["load_failures"] == 1 and counters["releases"] == 0
+        assert counters["load_failures"] == 2 and counters["releases"] == 0
         monkeypatch.setattr("deployments.replica._FAILED_LOAD_MEMORY_S", 0.0)  # past the memory: tried again
         assert rep._generate_sync(_request("broken"))["error"]["code"] == "checkpoint_load_failed"
-        assert rep.memory_report()["counters"]["load_failures"] == 2
+        assert rep.memory_report()["counters"]["load_failures"] == 3
         monkeypatch.undo()
         shutil.copy(demo_dir["demo-xs"] / "unet" / "config.json", folder / "unet" / "config.json")  # fixed
         assert rep._generate_sync(_request("broken"))["status"] == 200
