@@ -437,3 +437,80 @@ def test_an_entry_being_loaded_or_moved_reports_in_use():
     assert seen[("load", "d")] == {"a": ("host", 0, 7.0), "b": ("device", 0, 6.0), "d": ("device", 1, 0.0)}
     lease.release()
     assert {e.name: e.in_use for e in cache.report().entries} == {"a": 0, "b": 0, "d": 0}
+
+
+# ---- cases found by mutating the policy (each failed one mutant the tests above let live) ----
+def test_a_need_of_exactly_the_budget_fits():
+    cache, backend, _ = make()
+    backend.sizes["full"] = 100
+    lease = cache.acquire("full", weights_bytes=100)  # 100 of 100: not a permanent 413
+    assert isinstance(lease, Lease)
+    lease.release()
+
+
+def test_bytes_being_freed_still_count_as_used_until_freed():
+    cache, backend, clock = make(host=0)  # no host room: a release frees
+    use(cache, clock, "a")
+    use(cache, clock, "d")
+    seen = []
+    real_free = backend.free
+    backend.free = lambda obj: (seen.append(cache.report().device_used_bytes), real_free(obj))
+    cache.release("a")
+    assert seen == [80] and cache.report().device_used_bytes == 50  # a's 30 counted while freed
+    cache2, backend2, clock2 = make(host=100)
+    use(cache2, clock2, "a")
+    cache2.offload("a")
+    seen2 = []
+    real2 = backend2.free
+    backend2.free = lambda obj: (seen2.append(cache2.report().device_used_bytes), real2(obj))
+    cache2.release("a")
+    assert seen2 == [0]  # a host entry's free holds no device bytes
+
+
+def test_an_overrun_of_exactly_one_victim_evicts_that_one():
+    cache, backend, clock = make(measured_delta={"c": 40})  # c measures 70: 30 over after a and b
+    for n in ("a", "b"):
+        use(cache, clock, n)
+    backend.calls.clear()
+    use(cache, clock, "c")
+    assert backend.calls == [("load", "c"), ("to_host", "a")]
+
+
+def test_a_load_whose_measure_fails_is_freed():
+    cache, backend, clock = make()
+
+    def bad_measure(obj):
+        raise RuntimeError("measure failed")
+
+    backend.measure = bad_measure
+    with pytest.raises(RuntimeError, match="measure failed"):
+        cache.acquire("a", weights_bytes=30)
+    assert backend.calls == [("load", "a"), ("free", "a")] and cache.report().entries == ()
+
+
+def test_a_failed_reload_from_host_keeps_the_host_copy():
+    cache, backend, clock = make(fail_to_device={"a"})
+    use(cache, clock, "a")
+    cache.offload("a")
+    with pytest.raises(RuntimeError, match="injected to_device failure"):
+        cache.acquire("a", weights_bytes=30)
+    assert tiers(cache) == {"a": Tier.HOST} and cache.report().host_used_bytes == 30
+    use(cache, clock, "a")  # and the next request reloads it from there
+    assert cache.report().counters["host_reloads"] == 1 and cache.report().counters["disk_loads"] == 1
+
+
+def test_idle_offloads_are_not_counted_as_evictions():
+    cache, backend, clock = make()
+    use(cache, clock, "a")
+    clock.advance(20)
+    assert cache.tick() == [("a", "offload")]
+    assert cache.report().counters["evictions"] == 0
+
+
+def test_ties_in_last_use_evict_the_entry_not_just_used():
+    cache, backend, clock = make(host=0)
+    for n in ("a", "b", "c", "a"):  # a coarse clock: all at one instant, a used again last
+        cache.acquire(n, weights_bytes=SIZES[n]).release()
+    backend.calls.clear()
+    use(cache, clock, "d")  # 10 free, needs 50: two victims, the least recently used
+    assert [n for op, n in backend.calls if op == "free"] == ["b", "c"]

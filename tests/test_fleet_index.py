@@ -313,3 +313,77 @@ def test_sooner_replicas_are_found_where_halving_the_wait_rounds(limit):
     expected = rank_indices(views, nd, spill_queue_len=2, queue_lens=queues)[:limit]
     assert expected == [1, 2][:limit]
     assert _filled(views).rank(nd, queues, spill_queue_len=2, limit=limit) == expected
+
+
+# ---- cases found by mutating the policy (each failed one mutant the tests above let live) ----
+F16 = "float16"
+
+
+def _x_need(weights=40, workspace=10):
+    from router.placement import Need
+
+    return Need("x", {F16: weights}, {F16: workspace})
+
+
+def test_a_view_whose_used_bytes_alone_changed_is_scored_again():
+    # A request's workspace raises used bytes while the entries stay as they were.
+    from router.placement import EntryView
+
+    a = ReplicaView("a", 100, 40, F16, {"y": EntryView("device", 40, 5.0)}, 0)
+    b = ReplicaView("b", 100, 40, F16, {"z": EntryView("device", 40, 5.0)}, 0)
+    fleet = FleetIndex()
+    fleet.set_view(0, a)
+    fleet.set_view(1, b)
+    assert fleet.rank(_x_need(), [0, 0]) == rank_indices([a, b], _x_need(), queue_lens=[0, 0]) == [0, 1]
+    a2 = a.with_entries(a.entries, 90)  # 10 free: a must now evict y for x
+    fleet.set_view(0, a2)
+    assert rank_indices([a2, b], _x_need(), queue_lens=[0, 0]) == fleet.rank(_x_need(), [0, 0]) == [1, 0]
+
+
+def test_a_replica_that_must_wait_for_entries_in_use_is_not_placed_before_the_holder():
+    from router.placement import EntryView
+
+    h = ReplicaView("h", 100, 40, F16, {"x": EntryView("device", 40)}, 0, inference_s=1.0, disk_load_bytes_per_s=1e9)
+    n = ReplicaView("n", 100, 90, F16, {"y": EntryView("device", 90, 0.0, 1)}, 0, inference_s=1.0,
+                    disk_load_bytes_per_s=1e9)  # must wait for y (in use): BUSY, though its load is ~0 s
+    assert rank_indices([h, n], _x_need(), queue_lens=[3, 0]) == [0, 1]
+
+
+def test_the_holders_shortcut_is_not_taken_past_eight_holders_before_a_sooner_replica():
+    from router.placement import EntryView
+
+    holders = [ReplicaView(f"h{i}", 100, 40, F16, {"x": EntryView("device", 40)}, 0, inference_s=1.0,
+                           disk_load_bytes_per_s=1e12) for i in range(9)]
+    sooner = ReplicaView("n", 100, 0, F16, {}, 0, inference_s=1.0, disk_load_bytes_per_s=40.0)  # loads in 1 s
+    views = holders + [sooner]
+    queues = [3] * 9 + [0]  # every holder waits 3 s; n starts after 1 s of loading (2 x 1 < 3)
+    assert rank_indices(views, _x_need(), queue_lens=queues)[0] == 9
+    fleet = FleetIndex()
+    for i, v in enumerate(views):
+        fleet.set_view(i, v)
+    assert fleet.rank(_x_need(), queues, limit=1) == [9]
+
+
+def test_a_bad_queue_length_of_a_busy_holder_is_refused_as_rank_indices_refuses_it():
+    from router.placement import EntryView
+
+    v = ReplicaView("v", 100, 90, F16, {"x": EntryView("host", 40), "y": EntryView("device", 90, 0.0, 1)}, 0)
+    with pytest.raises(ValueError, match="queue lengths"):
+        rank_indices([v], _x_need(), queue_lens=[-1])
+    fleet = FleetIndex()
+    fleet.set_view(0, v)
+    with pytest.raises(ValueError, match="queue lengths"):
+        fleet.rank(_x_need(), [-1])
+
+
+def test_a_tie_group_larger_than_the_window_compares_a_whole_window():
+    # tie_window=2 over 3 equal replicas: each decision compares 2 consecutive members from a
+    # rotating start (white box: FleetIndex._turn), and the least queue of the 2 wins.
+    fleet = FleetIndex(tie_window=2)
+    for i in range(3):
+        fleet.set_view(i, ReplicaView(f"r{i}", 100, 0, F16, {}, 0))
+    for _ in range(6):
+        queues = [1, 1, 1]
+        second = ((fleet._turn + 1) % 3 + 1) % 3  # the second member of the next window
+        queues[second] = 0
+        assert fleet.rank(_x_need(), queues, limit=1) == [second]

@@ -867,7 +867,12 @@ def _mutated(rng, v: ReplicaView) -> ReplicaView:
     import dataclasses
 
     entries = dict(v.entries)
-    kind = rng.randrange(7)
+    kind = rng.randrange(9)
+    if kind == 7:  # used bytes alone move (a request's workspace in flight, or its end)
+        return v.with_entries(entries, max(0, v.used_bytes + rng.choice([-9, 9, 30])))
+    if kind == 8:  # the budget or the resident cap (a profile override, a redeploy)
+        return rng.choice([dataclasses.replace(v, budget_bytes=v.budget_bytes + rng.choice([-20, 20])),
+                           dataclasses.replace(v, max_resident=rng.choice([1, 2, 3]))])
     if kind == 0 and entries:  # an in-use count moves (its busy state may or may not)
         name = rng.choice(sorted(entries))
         e = entries[name]

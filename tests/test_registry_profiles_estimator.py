@@ -665,3 +665,77 @@ def test_a_variant_folder_is_accepted_exactly_as_diffusers_would_load_it(tmp_pat
         save_file({"w": torch.zeros(2)}, str(path / "text_encoder" / "model.fp16.safetensors"))
     with pytest.raises(RegistryError, match=match):
         Registry([spec(path, variant="fp16")])
+
+
+# ---- cases found by mutating the policy (each failed one mutant the tests above let live) ----
+def test_implicit_steps_stay_within_max_steps(tmp_path):
+    # Else every request that leaves steps out is refused (422) for exceeding max_steps.
+    assert CheckpointSpec(name="c", path=tmp_path, max_steps=10).steps == 10
+
+
+def test_an_l40s_is_not_taken_for_an_l4():
+    p = profiles.detect("NVIDIA L40S", 48 * GIB)  # a 48 GB board: not the 22 GiB L4 row
+    assert p.name != "L4-24GB" and p.total_bytes == 48 * GIB
+
+
+def test_a_reserve_equal_to_the_total_is_refused():
+    base = profiles.PROFILES["L4-24GB"]
+    with pytest.raises(ValueError, match="reserve_bytes"):
+        dataclasses.replace(base, reserve_bytes=base.total_bytes)  # a budget of 0
+
+
+def test_a_one_gib_slice_gets_a_usable_profile():
+    p = profiles.detect("Tesla T4", 1 * GIB)  # a T4-1Q vGPU: the reserve is capped at half
+    assert p.reserve_bytes == GIB // 2 and p.device_budget_bytes == GIB // 2
+
+
+def test_a_boolean_is_not_a_count():
+    with pytest.raises(ValueError, match="max_resident_pipelines"):
+        profiles.PROFILES["L4-24GB"].with_overrides({"max_resident_pipelines": True})
+
+
+def _t5_folder(root: Path) -> Path:
+    path = root / "p"
+    (path / "text_encoder").mkdir(parents=True)
+    (path / "transformer").mkdir()
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder": ["transformers", "T5EncoderModel"]}))
+    save_file({"w.weight": torch.zeros(10, 10)}, str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    save_file({"block.0.layer.1.DenseReluDense.wo.weight": torch.zeros(100),
+               "block.0.layer.1.DenseReluDense.wi.weight": torch.zeros(100)},
+              str(path / "text_encoder" / "model.safetensors"))
+    return path
+
+
+def test_t5_wo_stays_float32_at_float16_only(tmp_path):
+    spec = CheckpointSpec(name="c", path=_t5_folder(tmp_path))
+    est = Estimator()
+    assert est.estimate(spec, dtype="float16", width=64, height=64).component_bytes()["text_encoder"] == 100 * 4 + 100 * 2
+    assert est.estimate(spec, dtype="bfloat16", width=64, height=64).component_bytes()["text_encoder"] == 200 * 2
+
+
+def test_nf4_of_an_odd_sized_tensor_rounds_up(tmp_path):
+    path = _t5_folder(tmp_path)
+    save_file({"w.weight": torch.zeros(3, 5)}, str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    est = Estimator().estimate(CheckpointSpec(name="c", path=path, quantization="nf4"), dtype="float16", width=64,
+                               height=64)
+    assert est.component_bytes()["transformer"] == 8 + 1 * 4  # 15 weights: 8 bytes packed + one absmax
+
+
+def test_a_component_of_another_library_loads_its_plain_files(tmp_path):
+    from router.layout import pipeline_weight_files
+
+    path = _t5_folder(tmp_path)
+    (path / "extra").mkdir()
+    save_file({"a": torch.zeros(2)}, str(path / "extra" / "weights.safetensors"))
+    index = json.loads((path / "model_index.json").read_text()) | {"extra": ["mylib", "Extra"]}
+    assert [p.name for p in pipeline_weight_files(path, index)["extra"]] == ["weights.safetensors"]
+
+
+def test_legacy_variant_shards_count_as_files_of_the_variant(tmp_path):
+    from router.layout import files_of_variant
+
+    (tmp_path / "diffusion_pytorch_model.fp16-00001-of-00002.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")
+    assert files_of_variant(tmp_path, "fp16") == ("diffusion_pytorch_model.fp16-00001-of-00002.safetensors",)
