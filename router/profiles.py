@@ -226,6 +226,12 @@ def detect(device_name: str, total_bytes: int) -> HardwareProfile:
     )
 
 
+# A named table profile on a device that reports at least this share of the row's total is
+# taken to be that board (CUDA reports a little less than the rounded figure, e.g. a T4's
+# 14.7 of 15.0 GiB); below it, a smaller device, refused.
+_OWN_BOARD_SHARE = 0.9
+
+
 def _slice(base: HardwareProfile, total_bytes: int) -> HardwareProfile:
     """``base`` cut to ``total_bytes`` of its board (a MIG slice, a vGPU, a fractional GPU):
     its own CUDA context reserve (the table's rule on its total, at most half), and its
@@ -257,8 +263,11 @@ def resolve(
     context), so that replicas sharing one board do not each budget all of it. Overrides
     describe the whole board: the share is taken after them.
 
-    A table profile needs a CUDA device at least as large (after ``overrides``): ValueError
-    otherwise, since its budget would be a promise of memory the device does not have.
+    A CUDA profile needs a device at least as large (after ``overrides``): ValueError
+    otherwise, since its budget would be a promise of memory the device does not have. A
+    table profile on a device a little smaller than its row (within 10%: CUDA reports less
+    than the rounded figure) takes the device's own total. A ``reserve_bytes`` override
+    with a fraction is taken as the board's, and the replica gets its share of it.
     """
     if not 0 < gpu_fraction <= 1:
         raise ValueError(f"gpu_fraction must be in (0, 1], got {gpu_fraction}")
@@ -274,13 +283,21 @@ def resolve(
     else:
         raise ValueError(f"profile: unknown name {name!r}; use 'auto', 'cpu' or one of {sorted(PROFILES)}")
     profile = profile.with_overrides(overrides)
-    if name in PROFILES:
+    if profile.is_cuda and cuda_device is not None and cuda_device[1] < profile.total_bytes:
         device_name, device_total = cuda_device
-        if device_total < profile.total_bytes:
+        if name in PROFILES and "total_bytes" not in (overrides or {}) and \
+                device_total >= _OWN_BOARD_SHARE * profile.total_bytes:
+            # The board itself, reporting a little under the table's rounded total (a T4:
+            # 14.7 of 15.0 GiB): its own total, as detect takes it.
+            profile = _slice(profile, device_total)
+        else:
             raise ValueError(
                 f"profile {name!r} assumes {profile.total_bytes / GIB:.1f} GiB, but the visible CUDA device "
                 f"{device_name!r} has {device_total / GIB:.1f} GiB: use profile 'auto' (it takes the device's own "
-                f"total) or set total_bytes in profile_overrides")
+                f"total) or set total_bytes in profile_overrides to at most that")
     if profile.is_cuda and gpu_fraction < 1:
+        reserve = (overrides or {}).get("reserve_bytes")
         profile = _slice(profile, int(profile.total_bytes * gpu_fraction))
+        if reserve is not None:  # a calibrated reserve of the board: its share, without the rule's floors
+            profile = dataclasses.replace(profile, reserve_bytes=int(reserve * gpu_fraction))
     return profile

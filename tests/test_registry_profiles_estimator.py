@@ -312,6 +312,12 @@ def test_a_table_profile_needs_a_cuda_device_at_least_its_size():
     p = profiles.resolve("H100-80GB", cuda_device=("Tesla T4", 15 * GIB), available_ram_bytes=64 * GIB,
                          overrides={"total_bytes": 15 * GIB})  # said outright: taken
     assert p.total_bytes == 15 * GIB
+    # Its own board, reporting under the row's rounded total (a real T4: 15,102 MiB of 15.0 GiB).
+    t4 = profiles.resolve("T4-16GB", cuda_device=("Tesla T4", 15102 * 1024**2), available_ram_bytes=64 * GIB)
+    assert t4.total_bytes == 15102 * 1024**2 and t4.device_budget_bytes == t4.total_bytes - GIB
+    with pytest.raises(ValueError, match="assumes 80.0 GiB"):  # auto too: an override beyond the device
+        profiles.resolve("auto", cuda_device=("Tesla T4", 15 * GIB), available_ram_bytes=64 * GIB,
+                         overrides={"total_bytes": 80 * GIB})
     from deployments.config import AppConfig
     from pydantic import ValidationError
 
@@ -330,6 +336,9 @@ def test_replicas_sharing_a_gpu_each_budget_their_share_of_it():
     quarter = profiles.resolve("H100-80GB", cuda_device=h100, available_ram_bytes=GIB, gpu_fraction=0.25,
                                overrides={"reserve_bytes": 8 * GIB})  # overrides describe the board
     assert quarter.total_bytes == board.total_bytes // 4 and quarter.reserve_bytes == 2 * GIB
+    calibrated = profiles.resolve("auto", cuda_device=h100, available_ram_bytes=GIB, gpu_fraction=0.5,
+                                  overrides={"reserve_bytes": 512 * 1024**2})  # lower than the rule: kept, shared
+    assert calibrated.reserve_bytes == 256 * 1024**2
     assert profiles.resolve("cpu", cuda_device=None, available_ram_bytes=8 * GIB, gpu_fraction=0.5).total_bytes \
         == 2 * GIB  # the cpu profile has no board to share
     with pytest.raises(ValueError, match="gpu_fraction must be in"):
