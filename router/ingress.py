@@ -12,6 +12,7 @@ deployments.client.LocalRouter runs the same core in the caller's process, witho
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 from typing import Any, Callable
@@ -53,9 +54,12 @@ _ADMIN_CONCURRENCY = 8  # admin calls to replicas in flight at once (see RouterI
 def body_problem(content_type: str | None, content_length: str | None, max_body_bytes: int) -> tuple[int, str, str] | None:
     """(status, code, message) refusing a request body by its headers, or None to read it.
 
-    JSON only: a declared content type other than ``application/json`` (or ``*+json``) is 415.
-    A missing one is read as JSON, as FastAPI does. A declared length above the limit is 413
-    before a byte of the body is read; the streamed size is checked again while reading.
+    JSON only: a declared content type other than ``application/json`` (or ``*+json``) is 415;
+    a body without one is refused as 415 too, once read (:class:`BodyLimitMiddleware`: FastAPI
+    0.165 leaves it unparsed, and the route then answered a 422 about a missing object). A
+    declared length above the limit is 413 before a byte of the body is read; the streamed
+    size is checked again while reading. (A Content-Length that is not an integer never gets
+    here over HTTP: Serve's proxy answers it first, with a plain-text 400.)
     """
     if content_type is not None:
         media = content_type.split(";", 1)[0].strip().lower()
@@ -69,6 +73,27 @@ def body_problem(content_type: str | None, content_length: str | None, max_body_
         if declared > max_body_bytes:
             return 413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {max_body_bytes} bytes"
     return None
+
+
+def admin_body(raw: bytes) -> AdminRequest:
+    """An admin route's body: none (or JSON null) is every checkpoint; malformed JSON is 400
+    ``malformed_json``, a bad field 422 ``invalid_request``, as for generate (ServiceError)."""
+    if not raw.strip():
+        return AdminRequest()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        raise ServiceError(400, "malformed_json", "body: malformed JSON") from None
+    if data is None:
+        return AdminRequest()
+    try:
+        return AdminRequest.model_validate(data)
+    except ValidationError as exc:
+        raise ServiceError(422, "invalid_request", problems_message(exc.errors())) from None
+
+
+_ADMIN_BODY_DOC = {"requestBody": {"required": False, "content": {
+    "application/json": {"schema": AdminRequest.model_json_schema()}}}}
 
 
 def admin_token_from_env(env_name: str) -> str | None:
@@ -154,6 +179,10 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if headers.get("content-type") is None and body.strip():
+            await error_json(415, "unsupported_media_type", "a request body needs 'Content-Type: application/json'")(
+                scope, receive, send)
+            return
 
         async def replay() -> dict[str, Any]:
             nonlocal replayed
@@ -163,6 +192,15 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path within the app: Serve mounts it under its route prefix (the
+    scope's ``root_path``), e.g. ``/memrouter/v1/generate`` is ``/v1/generate`` here."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):]
+    return path
 
 
 class InflightLimitMiddleware:
@@ -175,7 +213,9 @@ class InflightLimitMiddleware:
     ``max_ongoing_requests + max_queued_requests`` (-1: unbounded), set by RouterIngress in
     the replica process (a class attribute: Serve runs a frozen copy of the app). The
     ingress awaits replicas, so requests past ``max_ongoing_requests`` wait there rather
-    than in a queue of their own. /healthz is never refused."""
+    than in a queue of their own. Only ``POST /v1/generate`` counts and is refused: status,
+    listing, health and the admin routes stay open when generate traffic is at the limit,
+    which is when an operator needs them."""
 
     limit: int = -1
     _inflight: int = 0
@@ -185,7 +225,7 @@ class InflightLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cls = type(self)
-        if scope["type"] != "http" or scope.get("path") == "/healthz":
+        if scope["type"] != "http" or route_path(scope) != "/v1/generate":
             await self.app(scope, receive, send)
             return
         if 0 <= cls.limit <= cls._inflight:
@@ -285,6 +325,7 @@ class RouterIngress:
     @app.get("/v1/checkpoints", response_model=list[CheckpointInfo])
     async def http_checkpoints(self) -> list[CheckpointInfo]:
         """The registry, each checkpoint with its estimate at its default request shape."""
+        await self._core.ensure_reports()  # a dtype: auto entry is listed at the replicas' dtype
         reports = self._core.reports()
         default_dtype = next((r["default_dtype"] for r in reports.values()), "float16")
         out = []
@@ -343,14 +384,16 @@ class RouterIngress:
 
         return {"replicas": list(await asyncio.gather(*(one(rid) for rid in sorted(self._core.reports()))))}
 
-    @app.post("/v1/admin/offload", responses=ERROR_RESPONSES)
-    async def http_offload(self, request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
+    # The body is read by hand, after the token: a FastAPI body parameter was parsed and
+    # validated first, so a caller without the token got 400/422 naming the body's rules.
+    @app.post("/v1/admin/offload", responses=ERROR_RESPONSES, openapi_extra=_ADMIN_BODY_DOC)
+    async def http_offload(self, request: Request) -> dict[str, Any]:
         """Move idle pipelines (one checkpoint or all) off every replica's device."""
         self._check_admin(request)
-        return await self._admin("offload", body or AdminRequest())  # no body: every checkpoint
+        return await self._admin("offload", admin_body(await request.body()))
 
-    @app.post("/v1/admin/release", responses=ERROR_RESPONSES)
-    async def http_release(self, request: Request, body: AdminRequest | None = None) -> dict[str, Any]:
+    @app.post("/v1/admin/release", responses=ERROR_RESPONSES, openapi_extra=_ADMIN_BODY_DOC)
+    async def http_release(self, request: Request) -> dict[str, Any]:
         """Free idle pipelines (one checkpoint or all) on every replica."""
         self._check_admin(request)
-        return await self._admin("release", body or AdminRequest())  # no body: every checkpoint
+        return await self._admin("release", admin_body(await request.body()))

@@ -234,6 +234,9 @@ CATALOG: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
     ("text/plain", "POST", "/v1/generate", {"content": json.dumps(body()), "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type", "application/json"),
     ("form-urlencoded", "POST", "/v1/generate", {"data": {"checkpoint": "demo-xs", "prompt": "p"}}, 415, "unsupported_media_type", "application/json"),
     ("multipart", "POST", "/v1/generate", {"files": {"f": ("a.json", b"{}")}}, 415, "unsupported_media_type", "application/json"),
+    # FastAPI 0.165 leaves a body without a content type unparsed: it was a 422 about a missing object.
+    ("JSON without a content type", "POST", "/v1/generate", {"content": json.dumps(body())}, 415,
+     "unsupported_media_type", "Content-Type: application/json"),
     # methods and routes
     ("GET on POST /v1/generate", "GET", "/v1/generate", {}, 405, "method_not_allowed", "POST"),
     ("PUT on POST /v1/generate", "PUT", "/v1/generate", {"json": body()}, 405, "method_not_allowed", "POST"),
@@ -246,6 +249,13 @@ CATALOG: list[tuple[str, str, str, dict[str, Any], int, str, str]] = [
      {"json": {"checkpoint": "../../etc"}, "headers": {"Authorization": f"Bearer {ADMIN_TOKEN}"}}, 422, "invalid_request", "checkpoint"),
     ("admin: extra field", "POST", "/v1/admin/offload",
      {"json": {"path": "/x"}, "headers": {"Authorization": f"Bearer {ADMIN_TOKEN}"}}, 422, "invalid_request", "path"),
+    ("admin: malformed JSON", "POST", "/v1/admin/offload", {"content": b'{"checkpoint": ', "headers": {
+        "Authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/json"}}, 400, "malformed_json", "malformed"),
+    # the token before the body: no rule of the body is told to a caller without it
+    ("admin: bad body, no token", "POST", "/v1/admin/release", {"json": {"checkpoint": "../../etc"}}, 401,
+     "unauthorized", "Bearer"),
+    ("admin: malformed JSON, no token", "POST", "/v1/admin/release",
+     {"content": b"{", "headers": {"content-type": "application/json"}}, 401, "unauthorized", "Bearer"),
 ]
 
 

@@ -83,6 +83,27 @@ def test_body_limit_middleware_streams_and_replays(monkeypatch):
     assert r.status_code == 413
     r = client.post("/echo", content=b"{}", headers={"content-type": "text/plain"})
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = client.post("/echo", content=b"{}")  # a body, no content type
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["error"]["message"]
+    assert client.post("/echo").json() == {"n": 0}  # no body (an admin call for every checkpoint): read
+
+
+def test_an_admin_body_is_read_after_the_token_with_generates_answers():
+    from router.core import ServiceError
+    from router.ingress import admin_body
+
+    assert admin_body(b"").checkpoint is None and admin_body(b" null ").checkpoint is None  # every checkpoint
+    assert admin_body(b'{"checkpoint": "demo-xs"}').checkpoint == "demo-xs"
+    for raw, status, code, words in [(b'{"checkpoint": ', 400, "malformed_json", "malformed JSON"),
+                                     (b'{"checkpoint": "\xff"}', 400, "malformed_json",
+                                      "malformed JSON"),
+                                     (b'{"checkpoint": "../x"}', 422, "invalid_request", "checkpoint"),
+                                     (b'{"checkpoint": 5}', 422, "invalid_request", "checkpoint"),
+                                     (b'{"path": "/x"}', 422, "invalid_request", "path"),
+                                     (b"[]", 422, "invalid_request", "")]:
+        with pytest.raises(ServiceError) as info:
+            admin_body(raw)
+        assert (info.value.status, info.value.code) == (status, code) and words in info.value.message, raw
 
 
 def test_the_ingress_refuses_past_its_limit_in_the_documented_shape(monkeypatch):
@@ -103,7 +124,7 @@ def test_the_ingress_refuses_past_its_limit_in_the_documented_shape(monkeypatch)
     app, gate = FastAPI(), asyncio.Event()
     app.add_middleware(InflightLimitMiddleware)
 
-    @app.post("/slow")
+    @app.post("/v1/generate")
     async def slow() -> dict[str, str]:
         await gate.wait()
         return {"ok": "yes"}
@@ -112,18 +133,25 @@ def test_the_ingress_refuses_past_its_limit_in_the_documented_shape(monkeypatch)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    async def burst() -> tuple[list[httpx.Response], list[httpx.Response], httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            held = [asyncio.ensure_future(client.post("/slow")) for _ in range(3)]
+    @app.get("/v1/status")
+    async def status() -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def burst() -> tuple[list[httpx.Response], list[httpx.Response], list[httpx.Response]]:
+        # Mounted under a route prefix, as Serve mounts it (root_path): the path seen is the full one.
+        transport = httpx.ASGITransport(app=app, root_path="/memrouter")
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            held = [asyncio.ensure_future(client.post("/memrouter/v1/generate")) for _ in range(3)]
             while InflightLimitMiddleware._inflight < 3:
                 await asyncio.sleep(0.01)
-            refused = [await client.post("/slow") for _ in range(2)]
-            health = await client.get("/healthz")  # never refused
+            refused = [await client.post("/memrouter/v1/generate") for _ in range(2)]
+            # Never refused: health, and the operator's routes while generate is at its limit.
+            open_ = [await client.get("/memrouter/healthz"), await client.get("/memrouter/v1/status")]
             gate.set()
-            return [await h for h in held], refused, health
+            return [await h for h in held], refused, open_
 
-    held, refused, health = asyncio.run(burst())
-    assert [r.status_code for r in held] == [200, 200, 200] and health.status_code == 200
+    held, refused, open_ = asyncio.run(burst())
+    assert [r.status_code for r in held] == [200, 200, 200] and [r.status_code for r in open_] == [200, 200]
     for r in refused:
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "overloaded" and "limit" in r.json()["error"]["message"]
