@@ -292,7 +292,7 @@ def test_freeing_a_pipeline_gives_its_ram_back_to_the_os(demo_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     loaded, kept = (int(x) for x in out.stdout.split()[-2:])
     assert loaded > 50_000_000
-    assert kept < 0.25 * loaded, (loaded, kept)
+    assert kept < 0.5 * loaded, (loaded, kept)  # without the trim: 87 of 104 MB; with it 5 to 35 MB seen
 
 
 def test_leak_tracker_sees_a_kept_reference(demo_dir):
