@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import inspect
 import io
 import json
 import os
@@ -187,7 +188,8 @@ def _portable(calls: list[tuple]) -> list[tuple]:
             v = c[2]
             if v is not None:
                 v = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.init}
-                v["entries"] = {n: (e.tier, e.bytes, e.idle_s, e.in_use) for n, e in v["entries"].items()}
+                v["entries"] = {n: {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+                                for n, e in v["entries"].items()}
             out.append(("v", c[1], v))
         else:
             n = c[1]
@@ -196,16 +198,23 @@ def _portable(calls: list[tuple]) -> list[tuple]:
 
 
 def _from_portable(data: list[tuple]) -> list[tuple]:
-    """:func:`_portable`'s calls rebuilt with the classes this interpreter imported."""
+    """:func:`_portable`'s calls rebuilt with the classes this interpreter imported. Fields
+    and rank arguments this revision does not have are left out: its replay then decides
+    without them, and says so where its orders differ."""
+    entry_fields = {f.name for f in dataclasses.fields(EntryView)}
+    view_fields = {f.name for f in dataclasses.fields(ReplicaView) if f.init}
+    rank_args = set(inspect.signature(FleetIndex.rank).parameters)
     out = []
     for c in data:
         if c[0] == "v":
             v = c[2]
             if v is not None:
-                v = ReplicaView(**dict(v, entries={n: EntryView(*e) for n, e in v["entries"].items()}))
+                entries = {n: EntryView(**{k: x for k, x in e.items() if k in entry_fields})
+                           for n, e in v["entries"].items()}
+                v = ReplicaView(**{k: x for k, x in v.items() if k in view_fields and k != "entries"}, entries=entries)
             out.append(("v", c[1], v))
         else:
-            out.append(("r", Need(*c[1]), c[2], c[3], c[4]))
+            out.append(("r", Need(*c[1]), c[2], {k: x for k, x in c[3].items() if k in rank_args}, c[4]))
     return out
 
 

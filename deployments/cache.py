@@ -141,6 +141,7 @@ class EntryReport:
     estimate_bytes: int
     idle_s: float
     in_use: int  # leases pinning it, plus 1 while the cache has it claimed (loading or moving)
+    loading: bool = False  # being loaded onto the device (from disk or host): a request for it waits for that
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class _Entry:
     last_used_s: float
     pins: int = 0
     busy: bool = False  # being loaded or moved: not usable, not evictable
+    loading: bool = False  # busy with a load onto the device (not a move off it)
 
 
 @dataclass
@@ -421,7 +423,7 @@ class PipelineCache:
             if e is None:
                 e = _Entry(name, Tier.DEVICE, None, entry_bytes, weights_bytes, offloadable, self._clock())
                 self._entries[name] = e
-            e.tier, e.busy = Tier.DEVICE, True  # reserved at entry_bytes while it loads
+            e.tier, e.busy, e.loading = Tier.DEVICE, True, True  # reserved at entry_bytes while it loads
         start = self._clock()
         try:
             if tier is Tier.HOST:
@@ -435,12 +437,13 @@ class PipelineCache:
                 if tier is Tier.DISK:
                     self._entries.pop(name, None)
                 else:
-                    e.tier, e.busy = Tier.HOST, False  # the move failed; the host copy stands
+                    e.tier, e.busy, e.loading = Tier.HOST, False, False  # the move failed; the host copy stands
             if tier is Tier.DISK and e.obj is not None:
                 self._backend.free(e.obj)
             raise
         load_s = self._clock() - start
         with self._lock:
+            e.loading = False  # loaded: still claimed until pinned, below
             if tier is Tier.DISK:
                 e.bytes = measured
                 self._measured[name] = (weights_bytes, measured)
@@ -569,7 +572,8 @@ class PipelineCache:
             # evict it, as this cache would not (it is on the device at its reserved bytes).
             entries = tuple(
                 EntryReport(e.name, e.tier.value, e.bytes, e.estimate_bytes,
-                            0.0 if e.pins or e.busy else round(max(0.0, now - e.last_used_s), 3), e.pins + e.busy)
+                            0.0 if e.pins or e.busy else round(max(0.0, now - e.last_used_s), 3), e.pins + e.busy,
+                            e.loading)
                 for e in self._entries.values()
             )
             return CacheReport(

@@ -323,7 +323,7 @@ class ModelReplica:
             "host_used_bytes": rep.host_used_bytes,
             "entries": [
                 {"name": e.name, "tier": e.tier, "bytes": e.bytes, "estimate_bytes": e.estimate_bytes,
-                 "idle_s": e.idle_s, "in_use": e.in_use}
+                 "idle_s": e.idle_s, "in_use": e.in_use, "loading": e.loading}
                 for e in rep.entries
             ],
             "in_flight": rep.in_flight,

@@ -238,12 +238,13 @@ class FleetIndex:
                     insort(by_fixed, key)
 
     def rank(self, need: Need, queue_lens: Sequence[int], *, spill_queue_len: int = 4,
-             evict_for_held: bool = True, limit: int | None = None, min_queue_len: int = 0) -> list[int]:
+             evict_for_held: bool = True, limit: int | None = None, min_queue_len: int = 0,
+             backlog: int = 0) -> list[int]:
         """``rank_indices(views, need, queue_lens=..., ...)[:limit]`` over the slots' views
         (slot = index), without visiting every view; ``limit`` None gives the whole order.
 
         ``queue_lens`` has one entry per slot, each in [0, 2**32), and is read only at the
-        slots a decision visits (a lazy sequence works). ``min_queue_len``: a lower bound of
+        slots a decision visits (a lazy sequence works). ``backlog``: as for rank_indices. ``min_queue_len``: a lower bound of
         them (0 is always right); a tighter one lets a decision stop earlier in a large
         group of equal replicas (ties go by queue length).
 
@@ -264,6 +265,8 @@ class FleetIndex:
             raise ValueError(f"min_queue_len must be >= 0, got {min_queue_len}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        if backlog < 0:
+            raise ValueError(f"backlog must be >= 0, got {backlog}")
         if len(views) > _FIELD_MASK:
             raise ValueError(f"at most {_FIELD_MASK} slots, got {len(views)}")
         want = limit if limit is not None else len(views)
@@ -282,7 +285,7 @@ class FleetIndex:
             # (a popular checkpoint has many holders) or looking at anyone else.
             ranked, spilled = self._walk(held, None, hscores, queue_lens, spill_queue_len, want, _NO_GATE,
                                          evict_for_held, min_queue_len, _AFTER_ON_HOST)
-            if spilled is None and not self._sooner_possible(need, ranked, hscores):
+            if spilled is None and not self._sooner_possible(need, ranked, hscores, backlog):
                 ranked.sort()
                 return [k & _FIELD_MASK for k in ranked[:want]]
 
@@ -293,7 +296,8 @@ class FleetIndex:
                 raise _bad_queue(q, min_queue_len)
             hkeys.append(key | (q << _FIELD_BITS) | (_SPILLED if q >= spill_queue_len else 0))
         on_device_or_host = [slot for slot in (key & _FIELD_MASK for key in held) if hscores[slot].rank <= _ON_HOST]
-        best_wait_s = _best_wait_s((hscores[slot], queue_lens[slot], views[slot]) for slot in on_device_or_host)
+        best_wait_s = _best_wait_s(((hscores[slot], queue_lens[slot], views[slot]) for slot in on_device_or_host),
+                                   backlog)
         gate = bool(on_device_or_host) and (best_wait_s is not None or not evict_for_held)
         if gate:
             hkeys = _gate(hkeys, [hscores[key & _FIELD_MASK] for key in held], views, queue_lens, best_wait_s,
@@ -377,7 +381,8 @@ class FleetIndex:
         end = bisect_left(by_fixed, (_fixed_image(best_wait_s / _SOONER_LOAD_FACTOR) + 1) << _FIELD_BITS, first)
         return first, end
 
-    def _sooner_possible(self, need: Need, ranked: list[int], hscores: Sequence[_Score | None]) -> bool:
+    def _sooner_possible(self, need: Need, ranked: list[int], hscores: Sequence[_Score | None],
+                         backlog: int) -> bool:
         """Whether a replica that must load could pass the holder gate by its times, given
         ``ranked``, keys of holders on their device or host (rank's shortcut): then it
         would place before them (rank_indices: sooner first) and the shortcut is wrong.
@@ -391,8 +396,9 @@ class FleetIndex:
         The class's first few entries that cannot be sooner (holders, BUSY) are passed over;
         past 8 of them the answer is a safe True (the full path decides)."""
         views = self._views
-        wait_s = _best_wait_s((hscores[key & _FIELD_MASK], (key >> _FIELD_BITS) & _FIELD_MASK,
-                               views[key & _FIELD_MASK]) for key in ranked)
+        # With backlog, over fewer holders than rank's own figure: still a bound from above.
+        wait_s = _best_wait_s(((hscores[key & _FIELD_MASK], (key >> _FIELD_BITS) & _FIELD_MASK,
+                                views[key & _FIELD_MASK]) for key in ranked), backlog)
         if wait_s is None or wait_s == 0.0:
             return False
         cls = self._synced(need)

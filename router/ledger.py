@@ -221,11 +221,13 @@ class Ledger:
         for p in placed.values():
             current = entries.get(p.checkpoint)
             if current is None or current.tier != "device":
-                entries[p.checkpoint] = EntryView("device", p.weights_bytes, 0.0, int(p.completed_s is None))
+                # Loading until a report shows it (or its request is done: then it loaded).
+                entries[p.checkpoint] = EntryView("device", p.weights_bytes, 0.0, int(p.completed_s is None),
+                                                  p.completed_s is None)
                 used += p.weights_bytes
             elif p.completed_s is None:
                 # EntryView(...) rather than dataclasses.replace: an overlay runs per placement.
-                entries[p.checkpoint] = EntryView(current.tier, current.bytes, 0.0, current.in_use + 1)
+                entries[p.checkpoint] = EntryView(current.tier, current.bytes, 0.0, current.in_use + 1, current.loading)
         return view.with_entries(entries, used)
 
     def __len__(self) -> int:

@@ -63,6 +63,9 @@ class EntryView:
     bytes: int
     idle_s: float = 0.0
     in_use: int = 0
+    # On the device in the books but still being loaded there (the ledger's placements not
+    # yet in a report, or a report's entry mid-load): a request for it waits for the load.
+    loading: bool = False
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,14 @@ def _fixed_s(view: ReplicaView, checkpoint: str, rank_: int, weights: int, evict
     if view.inference_s <= 0:
         return None
     if rank_ == _ON_DEVICE:
-        return 0.0
+        entry = view.entries[checkpoint]
+        if not entry.loading:
+            return 0.0
+        # The load's whole time, a bound from above of what is left of it (when it started
+        # is not known here): a holder still loading was taken for a free one, and a burst
+        # queued on it (bench/sim seed 4).
+        bps = view.disk_load_bytes_per_s
+        return entry.bytes / bps if bps > 0 else None
     if rank_ == _ON_HOST:
         bps = view.host_reload_bytes_per_s
         return view.entries[checkpoint].bytes / bps if bps > 0 else None
@@ -440,7 +450,8 @@ def rank(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4) 
 
 
 def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: int = 4,
-                 queue_lens: Sequence[int] | None = None, evict_for_held: bool = True) -> list[int]:
+                 queue_lens: Sequence[int] | None = None, evict_for_held: bool = True,
+                 backlog: int = 0) -> list[int]:
     """The order :func:`rank` gives, as indices into ``views``, less the replicas that should
     not load the checkpoint while another holds it: the router's hot path.
 
@@ -453,8 +464,12 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     is kept only if that is expected to finish sooner than waiting for the best holder:
     ``queue x inference_s + (weights + evicted bytes) / disk_load_bytes_per_s`` (the evicted
     bytes are counted once more because what is evicted tends to be loaded back) against
-    ``queue x inference_s (+ host reload)`` on the holder. The caller waits (Ray backs off
-    and asks again) rather than send it elsewhere. Where either side has no measured times
+    ``queue x inference_s (+ host reload)`` on the holder, plus ``backlog``: the requests for
+    the checkpoint that wait ahead of this one at the router, shared among the holders (a
+    replica's queue length stops at max_ongoing_requests, so under a burst the queues alone
+    said the holders would be free soon while hundreds of requests waited for them: bench/sim
+    seeds 2 and 4). The caller waits (Ray backs off and asks again) rather than send it
+    elsewhere. Where either side has no measured times
     yet, the rule is by rank instead: replicas with free room are kept, replicas that must
     evict only once ``evict_for_held`` (the caller has waited long enough, as Ray's
     multiplexing waits a bounded time for a replica holding the model).
@@ -471,9 +486,11 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     Caveat: the estimate is per replica, not per checkpoint (one mean inference time), and
     assumes the queue ahead runs at that mean.
     """
+    if backlog < 0:
+        raise ValueError(f"backlog must be >= 0, got {backlog}")
     keys, scores, queue_lens, held = _scored(views, need, spill_queue_len, queue_lens)
-    best_wait_s = _best_wait_s((scores[j], queue_lens[keys[j] & _FIELD_MASK], views[keys[j] & _FIELD_MASK])
-                               for j in held)
+    best_wait_s = _best_wait_s(((scores[j], queue_lens[keys[j] & _FIELD_MASK], views[keys[j] & _FIELD_MASK])
+                                for j in held), backlog)
     if held and (best_wait_s is not None or not evict_for_held):  # else the gate keeps every replica
         # Filtering before the sort: under load most non-holders drop out here.
         keys = _gate(keys, scores, views, queue_lens, best_wait_s, evict_for_held)
@@ -484,18 +501,28 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
 _INF = float("inf")
 
 
-def _best_wait_s(held) -> float | None:
+def _best_wait_s(held, backlog: int = 0) -> float | None:
     """The holder gate's best wait over (score, queue length, view) of the holders on their
-    device or host: the least ``queue x inference_s + fixed_s``; None once one of them has
-    no measured times (the gate then goes by rank); inf for none."""
-    best = _INF
+    device or host: the least ``queue x inference_s + fixed_s``, plus ``backlog`` requests
+    for the checkpoint waiting ahead of this one at the router (not yet in any replica's
+    queue, which holds at most max_ongoing_requests) shared among the holders at the least
+    inference time; None once one of them has no measured times (the gate then goes by
+    rank); inf for none."""
+    best = least_inference_s = _INF
+    n = 0
     for s, q, v in held:
         fixed_s = s.fixed_s
         if fixed_s is None:
             return None
-        wait_s = q * v.inference_s + fixed_s
+        inference_s = v.inference_s
+        wait_s = q * inference_s + fixed_s
         if wait_s < best:  # min() without its call: this runs per holder per decision
             best = wait_s
+        if inference_s < least_inference_s:
+            least_inference_s = inference_s
+        n += 1
+    if backlog and n:
+        best += backlog * least_inference_s / n
     return best
 
 

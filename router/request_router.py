@@ -25,6 +25,7 @@ running call of that id on that replica, accepted ones first.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import weakref
@@ -42,7 +43,7 @@ log = logging.getLogger("memrouter.request_router")
 
 def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) -> ReplicaView:
     entries = {
-        e["name"]: EntryView(e["tier"], int(e["bytes"]), float(e["idle_s"]), int(e["in_use"]))
+        e["name"]: EntryView(e["tier"], int(e["bytes"]), float(e["idle_s"]), int(e["in_use"]), bool(e.get("loading")))
         for e in report.get("entries", ())
     }
     times = report.get("service_times") or {}
@@ -200,7 +201,8 @@ class MemoryAwareRequestRouter(RequestRouter):
         # before times are measured, it waits up to holder_wait_s for a holder (or a
         # replica with free room) rather than making another replica evict for it.
         waited_s = time.time() - pending_request.created_at
-        ranks = self.rank_for(candidate_replicas, need, evict_for_held=waited_s >= self._holder_wait_s)
+        ranks = self.rank_for(candidate_replicas, need, evict_for_held=waited_s >= self._holder_wait_s,
+                              backlog=self._backlog(pending_request, need.checkpoint))
         if ranks and len(ranks[0]) == 1:
             # Tentative: the next request of a burst must see this placement now, not after
             # the replica accepts; on_request_routed moves it if Ray sends elsewhere.
@@ -208,8 +210,26 @@ class MemoryAwareRequestRouter(RequestRouter):
             self._record(pending_request, need, best, best.replica_id.unique_id, tentative=True)
         return ranks
 
+    def _backlog(self, pending_request: PendingRequest, checkpoint: str) -> int:
+        """Requests for ``checkpoint`` that wait in this router, not yet sent, and came before
+        ``pending_request``: the holder gate counts them in the holders' wait
+        (placement.rank_indices). Read from Ray 2.60's index of unsent requests, a private
+        attribute of its RequestRouter (0 where a Ray version has none); at most
+        _BACKLOG_SCAN of them are looked at per decision. Caveat: other routers' (other
+        ingress replicas') backlogs are not seen."""
+        pending = getattr(self, "_pending_requests_by_id", None)
+        if not pending:
+            return 0
+        created = pending_request.created_at
+        n = 0
+        for pr in itertools.islice(pending.values(), _BACKLOG_SCAN):
+            if pr is not pending_request and pr.created_at < created and not pr.future.done():
+                other = _need_of(pr)
+                n += other is not None and other.checkpoint == checkpoint
+        return n
+
     def rank_for(self, candidates: list[RunningReplica], need: Need,
-                 evict_for_held: bool = True) -> list[list[RunningReplica]]:
+                 evict_for_held: bool = True, backlog: int = 0) -> list[list[RunningReplica]]:
         """One rank per replica, best first, at most ``rank_limit`` of them (then the
         replicas without a report yet, in one rank).
 
@@ -233,7 +253,7 @@ class MemoryAwareRequestRouter(RequestRouter):
             return self._rank_unreported(candidates, need)
         order = self._fleet.rank(need, _QueueLens(by_slot, self.replica_queue_len_cache),
                                  spill_queue_len=self._spill_queue_len, evict_for_held=evict_for_held,
-                                 limit=self._rank_limit)
+                                 limit=self._rank_limit, backlog=backlog)
         ranks = [[by_slot[i]] for i in order]
         if self._unreported:
             ranks.append(list(self._unreported))
@@ -368,6 +388,7 @@ class _QueueLens:
 
 
 _FULL_PASS_EVERY = 64  # decisions between full passes over the same candidate list (see rank_for)
+_BACKLOG_SCAN = 4096  # unsent requests looked at per decision for the backlog (see _backlog)
 
 
 def _need_of(pending_request: PendingRequest | None) -> Need | None:

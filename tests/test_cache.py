@@ -514,3 +514,20 @@ def test_ties_in_last_use_evict_the_entry_not_just_used():
     backend.calls.clear()
     use(cache, clock, "d")  # 10 free, needs 50: two victims, the least recently used
     assert [n for op, n in backend.calls if op == "free"] == ["b", "c"]
+
+
+def test_an_entry_being_loaded_is_reported_as_loading_until_it_is_on_the_device():
+    """The router's holder gate counts a holder's load as part of its wait (it took a
+    replica still loading for one with nothing left to load, and queued a burst on it)."""
+    cache, backend, clock = make()
+    seen = []
+    real_load, real_to_device = backend.load, backend.to_device
+    backend.load = lambda name: (seen.append(cache.report().entry(name)), real_load(name))[1]
+    backend.to_device = lambda obj: (seen.append(cache.report().entry(obj.name)), real_to_device(obj))[1]
+    use(cache, clock, "a")  # from disk
+    cache.offload("a")
+    use(cache, clock, "a")  # from the host
+    assert [(e.tier, e.in_use, e.loading) for e in seen] == [("device", 1, True), ("device", 1, True)]
+    assert cache.report().entry("a").loading is False
+    cache.offload("a")  # a move off the device is not a load
+    assert cache.report().entry("a").loading is False

@@ -43,8 +43,11 @@ def test_fleet_index_ranks_as_rank_indices_cut_to_the_limit_as_views_change(seed
         spill, held = rng.randrange(1, 6), rng.random() < 0.5
         limit = rng.choice([None, 1, 2, 5, 16])
         floor = rng.choice([0, min(queues)])  # any lower bound of the queue lengths
-        expected = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues, evict_for_held=held)
-        got = fleet.rank(nd, queues, spill_queue_len=spill, evict_for_held=held, limit=limit, min_queue_len=floor)
+        backlog = rng.choice([0, 0, 1, 4, 30])  # requests for the checkpoint waiting at the router
+        expected = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues, evict_for_held=held,
+                                backlog=backlog)
+        got = fleet.rank(nd, queues, spill_queue_len=spill, evict_for_held=held, limit=limit, min_queue_len=floor,
+                         backlog=backlog)
         assert got == expected[:limit], (step, limit)
         compared += 1
         cut += limit is not None and len(expected) > limit
@@ -105,8 +108,10 @@ def test_fleet_index_ranks_sooner_first_as_rank_indices_in_large_fleets(seed, mo
         queues = [rng.randrange(1, 9) if rng.random() < 0.8 else 0 for _ in views]
         spill, held = rng.randrange(2, 9), rng.random() < 0.5
         limit = rng.choice([1, 2, 5, 16])
-        expected = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues, evict_for_held=held)
-        got = fleet.rank(nd, queues, spill_queue_len=spill, evict_for_held=held, limit=limit)
+        backlog = rng.choice([0, 0, 1, 4, 30])
+        expected = rank_indices(views, nd, spill_queue_len=spill, queue_lens=queues, evict_for_held=held,
+                                backlog=backlog)
+        got = fleet.rank(nd, queues, spill_queue_len=spill, evict_for_held=held, limit=limit, backlog=backlog)
         assert got == expected[:limit], (step, limit)
     assert calls["sooner_found"] > 10 and calls["rest_walk"] > 0 and calls["shortcut_refused"] > 0, calls
 
@@ -387,3 +392,45 @@ def test_a_tie_group_larger_than_the_window_compares_a_whole_window():
         second = ((fleet._turn + 1) % 3 + 1) % 3  # the second member of the next window
         queues[second] = 0
         assert fleet.rank(_x_need(), queues, limit=1) == [second]
+
+
+def test_requests_waiting_at_the_router_count_in_the_holders_wait():
+    """A replica's queue stops at max_ongoing_requests: under a burst the holder looked free
+    in 8 x 3 s while hundreds of requests waited at the router for it (bench/sim seeds 2 and
+    4: p99 181 and 262 s, worse than Ray's multiplexing). With the backlog counted, past
+    a point the burst's later requests load the checkpoint elsewhere."""
+    from router.placement import EntryView
+
+    holder = ReplicaView("h", 100, 40, F16, {"x": EntryView("device", 40)}, 0, inference_s=3.0,
+                         disk_load_bytes_per_s=1e9)
+    other = ReplicaView("o", 100, 0, F16, {}, 0, inference_s=3.0, disk_load_bytes_per_s=40 / 30)  # loads in 30 s
+    views, queues = [holder, other], [8, 0]
+    fleet = FleetIndex()
+    for i, v in enumerate(views):
+        fleet.set_view(i, v)
+    for backlog, expected in [(0, [0]), (2, [0]), (3, [1, 0]), (30, [1, 0])]:
+        # wait 24 s + backlog x 3 s: kept once it passes the 30 s load, and first (the
+        # holder's queue is past the spill line)
+        assert rank_indices(views, _x_need(), queue_lens=queues, backlog=backlog) == expected, backlog
+        assert fleet.rank(_x_need(), queues, backlog=backlog) == expected, backlog
+    with pytest.raises(ValueError, match="backlog must be >= 0"):
+        fleet.rank(_x_need(), queues, backlog=-1)
+    with pytest.raises(ValueError, match="backlog must be >= 0"):
+        rank_indices(views, _x_need(), queue_lens=queues, backlog=-1)
+
+
+def test_a_holder_still_loading_the_checkpoint_waits_for_its_load():
+    """The ledger's placement (and a report taken mid-load) has the entry on the device: it
+    was a holder with nothing left to load, and a burst queued on it (bench/sim seed 4)."""
+    from router.placement import EntryView
+
+    def holder(loading):
+        return ReplicaView("h", 100, 40, F16, {"x": EntryView("device", 40, 0.0, 1, loading)}, 0, inference_s=1.0,
+                           disk_load_bytes_per_s=1.0)  # its load: 40 s
+    other = ReplicaView("o", 100, 0, F16, {}, 0, inference_s=1.0, disk_load_bytes_per_s=4.0)  # loads in 10 s
+    assert rank_indices([holder(False), other], _x_need(), queue_lens=[1, 0]) == [0]  # 1 s vs a 10 s load
+    assert rank_indices([holder(True), other], _x_need(), queue_lens=[1, 0]) == [1, 0]  # 41 s: sooner elsewhere
+    fleet = FleetIndex()
+    fleet.set_view(0, holder(True))
+    fleet.set_view(1, other)
+    assert fleet.rank(_x_need(), [1, 0]) == [1, 0]

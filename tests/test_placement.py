@@ -225,8 +225,9 @@ def random_views(rng, n):
         entries = {}
         for k in range(rng.randrange(0, 6)):
             tier = rng.choice(["device", "device", "host"])
+            in_use = int(rng.random() < 0.2)
             entries[f"c{rng.randrange(12)}"] = EntryView(tier, rng.randrange(5, 60), float(rng.randrange(0, 4)),
-                                                         int(rng.random() < 0.2))
+                                                         in_use, tier == "device" and in_use and rng.random() < 0.5)
         used = sum(e.bytes for e in entries.values() if e.tier == "device")
         views.append(ReplicaView(f"r{i}", rng.choice([80, 120, 200]), used, rng.choice([F16, "float32"]), entries,
                                  rng.randrange(0, 6), max_resident=rng.choice([2, 3, 16])))
@@ -926,3 +927,57 @@ def test_sooner_load_factor_is_a_power_of_two():
     from router.placement import _SOONER_LOAD_FACTOR
 
     assert math.frexp(_SOONER_LOAD_FACTOR)[0] == 0.5
+
+
+def test_the_router_counts_the_unsent_requests_for_the_checkpoint_ahead_of_this_one():
+    """Ray keeps this router's unsent requests (a private index of Ray 2.60); the holder gate
+    counts those for the same checkpoint that came first (test_fleet_index: what it does)."""
+    import types
+
+    from ray.serve._private.request_router.common import PendingRequest
+
+    make, _ = _real_router("backlog-test", ["a"])
+
+    async def run() -> list[int]:
+        router = make()
+
+        def pending(checkpoint, created_at, call):
+            pr = PendingRequest(args=[{}, need(checkpoint)], kwargs={}, created_at=created_at,
+                                metadata=types.SimpleNamespace(internal_request_id=call))
+            router._pending_requests_by_id[call] = pr
+            return pr
+
+        x1, x2, y1 = pending("x", 1.0, "c1"), pending("x", 2.0, "c2"), pending("y", 1.5, "c3")
+        x3 = pending("x", 3.0, "c4")
+        counts = [router._backlog(x3, "x"), router._backlog(x1, "x"), router._backlog(y1, "y")]
+        x2.future.set_result(None)  # sent meanwhile (Ray cleans its index lazily)
+        counts.append(router._backlog(x3, "x"))
+        del router._pending_requests_by_id
+        counts.append(router._backlog(x3, "x"))  # a Ray without the index: no backlog
+        return counts
+
+    assert asyncio.run(run()) == [2, 0, 0, 1, 0]
+
+
+def test_the_ledger_overlay_marks_a_placement_not_yet_reported_as_loading():
+    from router.ledger import Ledger
+    from router.placement import EntryView, ReplicaView
+
+    ledger = Ledger()
+    base = ReplicaView("a", 100, 40, F16, {"y": EntryView("device", 40, 0.0, 1, True)}, 0)
+    ledger.routed("c1", "a", "x", weights_bytes=30, now_s=1.0, request_id="r1")  # not in the report: a load to come
+    ledger.routed("c2", "a", "y", weights_bytes=40, now_s=1.0, request_id="r2")  # reported mid-load
+    view = ledger.overlay(base)
+    assert view.entries["x"] == EntryView("device", 30, 0.0, 1, True)
+    assert view.entries["y"] == EntryView("device", 40, 0.0, 2, True)  # the report's loading flag kept
+    ledger.completed("r1", "a", now_s=2.0)
+    assert ledger.overlay(base).entries["x"].loading is False  # its request done: it loaded
+
+
+def test_a_reports_loading_flag_reaches_the_view():
+    from router.request_router import view_from_report
+
+    report = _report(100, [("x", "device", 40), ("y", "device", 20)])
+    report["entries"][0]["loading"] = True
+    view = view_from_report("a", report, 0)
+    assert view.entries["x"].loading is True and view.entries["y"].loading is False  # absent: not loading

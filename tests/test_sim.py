@@ -218,3 +218,17 @@ def test_sim_replay_against_an_unknown_revision_names_it():
 
     with pytest.raises(ValueError, match="no-such-rev"):
         run_ab(["--small", "--policies", "a"], "no-such-rev", 1)
+
+
+def test_sim_seeds_reports_each_seed_and_a_over_the_others(tmp_path):
+    from bench.sim_seeds import main as seeds_main
+
+    out = seeds_main(["--seeds", "2", "--small", "--policies", "ab", "--jobs", "1", "--out", str(tmp_path)])
+    assert list(out["seeds"]) == [1, 2] and set(out["seeds"][1]) == {"a", "b"}
+    p99 = [out["seeds"][s]["a"]["p99 s"] / out["seeds"][s]["b"]["p99 s"] for s in (1, 2)]
+    assert out["a_p99_over"]["b"] == [round(x, 3) for x in p99]
+    assert out["summary"]["a"]["p99 s"]["worst"] == max(out["seeds"][s]["a"]["p99 s"] for s in (1, 2))
+    text = (tmp_path / "sim_seeds.md").read_text()
+    assert text.startswith("# Simulator outcomes over trace seeds") and "seeds at or below 0.5" in text
+    with pytest.raises(SystemExit):
+        seeds_main(["--seeds", "0", "--out", str(tmp_path)])

@@ -48,6 +48,7 @@ import dataclasses
 import heapq
 import random
 import time
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,7 @@ class SimParams:
     keep_views: bool = True  # an unchanged replica's aged report keeps its view, as rank_for does (report_seq)
     service_times: bool = True  # reports carry deployments.service_times figures, so the holder gate runs as deployed
     holder_wait_s: float = 2.0  # MemoryAwareRequestRouter's holder_wait_s: evict_for_held once a request waited this long
+    backlog: bool = True  # the holder gate counts the jobs for the checkpoint pending ahead at the router, as rank_for
     rank_limit: int = 16  # places asked of router.fleet_index.FleetIndex per decision, as rank_for (0: rank_indices, whole order)
     sample_every: int = 100  # keep every n-th decision's inputs to time bench/placement_fast.py on (0: off)
     seed: int = 1
@@ -101,6 +103,7 @@ class Job:
     served_from: str = ""
     lease: Lease | None = None
     replica: int = -1
+    loaded_s: float = 0.0  # when its load (disk or host) ends; the cache's books have it loaded at once
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Rep:
     report_overcommits: int = 0
     models: frozenset = frozenset()  # device-resident names (what Ray's multiplexed_model_ids reports)
     times: ServiceTimes = field(default_factory=ServiceTimes)  # the replica's measured times (simulated durations)
+    reported_loading: bool = False  # its last real report showed a load in progress
 
 
 class Clock:
@@ -160,10 +164,16 @@ class Simulation:
         # Eligibility: which checkpoints each replica's budget can ever hold (weights + workspace).
         self.eligible: list[bytearray] = []
         self.mux_cap: list[int] = []
+        # @serve.multiplexed takes one max_num_models_per_replica for the whole deployment: the
+        # largest that over-commits no replica's budget, i.e. the least of the per-replica
+        # figures (per replica, the big boards took 2 and sent every cold model to the small
+        # ones, each of which then held 1: a setting Ray cannot express, and worse for (b)).
+        uniform_cap = min((mux_capacity(s.profile.device_budget_bytes,
+                                        [c for c in catalog if c.total_bytes <= s.profile.device_budget_bytes])
+                           for s in fleet), default=1) if policy == "b" else 1
         for spec in fleet:
             prof = spec.profile
             budget = prof.device_budget_bytes
-            elig = [c for c in catalog if c.total_bytes <= budget]
             self.eligible.append(bytearray(c.total_bytes <= budget for c in catalog))
             if policy == "a":
                 cfg = CacheConfig(device_budget_bytes=budget, host_budget_bytes=prof.host_budget_bytes,
@@ -171,7 +181,7 @@ class Simulation:
                                   idle_release_s=prof.idle_release_s if params.idle_timers else NEVER,
                                   max_resident=prof.max_resident_pipelines, host_tier=True)
             elif policy == "b":
-                cap = mux_capacity(budget, elig)
+                cap = uniform_cap
                 self.mux_cap.append(cap)
                 cfg = CacheConfig(device_budget_bytes=budget, host_budget_bytes=0, idle_offload_s=NEVER,
                                   idle_release_s=NEVER, max_resident=cap, host_tier=False)
@@ -190,6 +200,10 @@ class Simulation:
         self.events: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self.pending: deque[Job] = deque()
+        # Per checkpoint index, the arrival times of its pending jobs, sorted: a decision's
+        # backlog is how many of them arrived before the job placed (the router's own queue,
+        # which the replicas' queue lengths do not show; request_router reads Ray's).
+        self._pending_arrivals: dict[int, list[float]] = {}
         self.done: list[Job] = []
         self.decisions = 0
         self.rank_ns = 0
@@ -230,7 +244,13 @@ class Simulation:
         """
         now = self.clock.t
         for r in self.reps:
-            if r.changed or r.report_src is None or not self.p.age_reports:
+            # ModelReplica reports an entry being loaded as loading (the cache claims it for the
+            # load); here the books have it loaded at once and the load is modeled time: the
+            # running job's checkpoint until its load ends.
+            job = r.running
+            loading = job.ck.name if job is not None and job.served_from != "device" and now < job.loaded_s else None
+            if r.changed or r.report_src is None or not self.p.age_reports or loading or r.reported_loading:
+                r.reported_loading = loading is not None
                 rep = r.cache.report()
                 prof = r.spec.profile
                 stats = {
@@ -239,7 +259,7 @@ class Simulation:
                     "device_budget_bytes": rep.device_budget_bytes,
                     "device_used_bytes": rep.device_used_bytes,
                     "entries": [{"name": e.name, "tier": e.tier, "bytes": e.bytes, "idle_s": e.idle_s,
-                                 "in_use": e.in_use} for e in rep.entries],
+                                 "in_use": e.in_use, "loading": e.loading or e.name == loading} for e in rep.entries],
                     "timestamp_s": now,
                 }
                 if self.p.service_times:
@@ -299,14 +319,15 @@ class Simulation:
         reps = self.reps
         queues = [r.ongoing for r in reps]
         evict_for_held = self.clock.t - job.req.arrival_s >= self.p.holder_wait_s
+        backlog = self._backlog(job) if self.p.backlog else 0
         c0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
         if self.index is not None:
             order = self.index.rank(job.ck.need, queues, spill_queue_len=self.p.spill_queue_len,
-                                    evict_for_held=evict_for_held, limit=self.p.rank_limit)
+                                    evict_for_held=evict_for_held, limit=self.p.rank_limit, backlog=backlog)
         else:
             order = rank_indices(views, job.ck.need, spill_queue_len=self.p.spill_queue_len, queue_lens=queues,
-                                 evict_for_held=evict_for_held)
+                                 evict_for_held=evict_for_held, backlog=backlog)
         self.rank_ns += time.perf_counter_ns() - t0
         self.rank_cpu_ns += time.thread_time_ns() - c0
         self.decisions += 1
@@ -360,14 +381,30 @@ class Simulation:
             r.queue.append(job)
         return True
 
+    def _add_pending(self, job: Job, *, front: bool = False) -> None:
+        if front:
+            self.pending.appendleft(job)
+        else:
+            self.pending.append(job)
+        insort(self._pending_arrivals.setdefault(job.ck.index, []), job.req.arrival_s)
+        if len(self.pending) > self.pending_max:
+            self.pending_max = len(self.pending)
+
+    def _backlog(self, job: Job) -> int:
+        """Pending jobs for ``job``'s checkpoint that arrived before it (it is not pending here)."""
+        arrivals = self._pending_arrivals.get(job.ck.index)
+        return bisect_left(arrivals, job.req.arrival_s) if arrivals else 0
+
     def _retry_pending(self, freed: int) -> None:
         """A slot freed on replica ``freed``: route the oldest pending job that can use it."""
         elig = self.eligible[freed]
         for k, job in enumerate(self.pending):
             if elig[job.ck.index]:
                 del self.pending[k]
-                if not self._route(job):  # cannot happen: ``freed`` has room
-                    self.pending.appendleft(job)
+                arrivals = self._pending_arrivals[job.ck.index]
+                del arrivals[bisect_left(arrivals, job.req.arrival_s)]
+                if not self._route(job):  # the placement may still send it nowhere (its holder gate)
+                    self._add_pending(job, front=True)
                 return
 
     # ---- replica side ------------------------------------------------------------------------
@@ -379,7 +416,7 @@ class Simulation:
         r.ongoing -= 1
         self._dirty(r)
         if not self._route(job):
-            self.pending.append(job)
+            self._add_pending(job)
         self._next(r)
 
     def _start(self, r: Rep, job: Job) -> None:
@@ -408,7 +445,7 @@ class Simulation:
         self._check_report(r, rep.device_used_bytes, rep.device_budget_bytes, rep.counters)
         if self.policy == "b":
             r.models = frozenset(e.name for e in rep.entries if e.tier == "device")
-        job.lease, job.start_s, job.load_s = lease, now, io
+        job.lease, job.start_s, job.load_s, job.loaded_s = lease, now, io, begin + io
         job.infer_s = ck.variant.infer_s / r.spec.speed
         job.served_from = lease.served_from.value
         if job.served_from == "disk":  # what ModelReplica measures: the load alone, not the moves before it
@@ -478,9 +515,7 @@ class Simulation:
             if kind == self.ARRIVE:
                 job = Job(payload, self.catalog[payload.checkpoint], f"q{payload.index}")
                 if not self._route(job):
-                    self.pending.append(job)
-                    if len(self.pending) > self.pending_max:
-                        self.pending_max = len(self.pending)
+                    self._add_pending(job)
             elif kind == self.COMPLETE:
                 self._complete(self.reps[payload])
             elif kind == self.REPORT:

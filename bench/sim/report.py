@@ -78,7 +78,8 @@ def to_markdown(res: dict[str, Any]) -> str:
     b = pol.get("b")
     if b and "mux_capacity" in b:
         c = b["mux_capacity"]
-        lines.append(f"Policy (b) max_num_models_per_replica: {c['min']}..{c['max']} per replica, {c['total']} slots in all.")
+        lines.append(f"Policy (b) max_num_models_per_replica: {c['min']} on every replica (one value per deployment, "
+                     f"the largest that over-commits no replica's budget), {c['total']} slots in all.")
     lines += ["", "All figures are simulated from modeled sizes, bandwidths and inference times (see the JSON "
               "'assumptions'); only the decisions/s and wall times are measured on this machine. The CPU-time "
               "interval of each decision encloses its wall-clock one, so it also counts a read of each clock "
