@@ -232,3 +232,17 @@ def test_sim_seeds_reports_each_seed_and_a_over_the_others(tmp_path):
     assert text.startswith("# Simulator outcomes over trace seeds") and "seeds at or below 0.5" in text
     with pytest.raises(SystemExit):
         seeds_main(["--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_loads_measuring_above_their_estimate_are_retried_not_recursed():
+    """--size-error 1.05: every load measures 5% above the estimate the router placed it by.
+    A replica's refusal went straight back to the router at the same instant, with the same
+    views, which picked the same replica: RecursionError in all four policies."""
+    sc = scenario_from_args(parser().parse_args(["--small", "--size-error", "1.05", "--sample-every", "0"]))
+    res = simulate(sc, jobs=1)
+    for p, m in res["policies"].items():
+        assert m["completed"] + m["refused"] == 400 and m["oom"] == 0, p
+    for p in "bcd":
+        assert res["policies"][p]["shortfalls"] > 0, p  # refusals happened, and were retried
+    # (a)'s cache evicts more for a load's measured overrun: it serves them all, unrefused.
+    assert res["policies"]["a"]["completed"] == 400 and res["policies"]["a"]["shortfalls"] == 0

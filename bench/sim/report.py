@@ -34,6 +34,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(f(m) for m in pol.values()) + " |")
 
     row("completed / requests", lambda m: f"{m['completed']} / {m['requests']}")
+    row("refused (error after 8 replicas' refusals)", lambda m: f"{m.get('refused', 0):,}")
     row("throughput (req / sim s)", lambda m: _fmt(m["throughput_rps"]))
     row("latency p50 s", lambda m: _fmt(m["latency_s"]["p50"]))
     row("latency p95 s", lambda m: _fmt(m["latency_s"]["p95"]))

@@ -44,6 +44,7 @@ class Scenario:
     service_times: bool = True
     holder_wait_s: float = 2.0
     backlog: bool = True
+    size_error: float = 1.0
     rank_limit: int = 16
     sample_every: int = 100
     policies: str = "abcd"
@@ -53,7 +54,7 @@ class Scenario:
                          max_ongoing=self.max_ongoing, spill_queue_len=self.spill_queue_len,
                          report_period_s=self.report_period_s, tick_period_s=self.tick_period_s,
                          idle_timers=self.idle_timers, age_reports=self.age_reports, keep_views=self.keep_views,
-                         service_times=self.service_times, holder_wait_s=self.holder_wait_s, backlog=self.backlog,
+                         service_times=self.service_times, holder_wait_s=self.holder_wait_s, backlog=self.backlog, size_error=self.size_error,
                          rank_limit=self.rank_limit, sample_every=self.sample_every, seed=self.seed)
 
 
