@@ -3,16 +3,19 @@
 Every figure here is a MODELED ASSUMPTION, not a measurement; GPU calibration runs replace
 them. They are parameters (see ``bench.sim.__main__``), stated in every result file.
 
-Checkpoint sizes (weights at a 2-byte dtype, GB = 1e9 bytes; fine-tunes share their base
-architecture's size, so every checkpoint of a variant has exactly the variant's size):
-  SD1.5                 2.0 GB  (UNet 1.7 + CLIP-L 0.25 + VAE 0.17)
-  SDXL                  6.9 GB  (UNet 5.1 + CLIP-L/G 1.6 + VAE 0.17)
-  SD3-medium, no T5     5.5 GB
-  SD3-medium + T5-XXL  15.0 GB
-  Flux.1 bf16          33.0 GB  (transformer 23.8 + T5-XXL 9.5)
-  Flux.1 bf16, T5 fp8  24.0 GB
-  Flux.1 nf4 + T5 bf16 12.0 GB  (bitsandbytes: not offloadable, released instead)
-  Flux.1 nf4 + T5 nf4   7.0 GB  (idem)
+Checkpoint sizes (weights at bf16, GB = 1e9 bytes; fine-tunes share their base
+architecture's size, so every checkpoint of a variant has exactly the variant's size), the
+project's own estimator's figures (bench/results/estimator_accuracy.md, bfloat16 rows,
+within 0.5% of the real architectures' weights; hand-set figures before stop 19 were up to
+29% under them):
+  SD1.5                 2.13 GB
+  SDXL                  6.94 GB
+  SD3-medium, no T5     5.97 GB  (the table's components less T5)
+  SD3-medium + T5-XXL  15.50 GB
+  Flux.1 bf16          33.74 GB
+  Flux.1 bf16, T5 fp8  28.98 GB  (T5 at half its bf16 bytes)
+  Flux.1 nf4 + T5 bf16 16.64 GB  (bitsandbytes: not offloadable, released instead)
+  Flux.1 nf4 + T5 nf4   9.79 GB  (idem; T5 at the transformer's nf4/bf16 ratio)
 Workspace comes from the real estimator table (router/estimator.py) at the variant's
 default resolution, batch 1.
 
@@ -48,14 +51,14 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("sd15", Family.SD1, int(2.0 * GB), 512, 1.5, True, 0.40),
-    Variant("sdxl", Family.SDXL, int(6.9 * GB), 1024, 4.0, True, 0.30),
-    Variant("sd3m", Family.SD3, int(5.5 * GB), 1024, 5.0, True, 0.06),
-    Variant("sd3m-t5", Family.SD3, int(15.0 * GB), 1024, 5.0, True, 0.06),
-    Variant("flux-bf16", Family.FLUX, int(33.0 * GB), 1024, 8.0, True, 0.06),
-    Variant("flux-bf16-t5fp8", Family.FLUX, int(24.0 * GB), 1024, 8.0, True, 0.03),
-    Variant("flux-nf4", Family.FLUX, int(12.0 * GB), 1024, 10.0, False, 0.05),
-    Variant("flux-nf4-t5nf4", Family.FLUX, int(7.0 * GB), 1024, 10.0, False, 0.04),
+    Variant("sd15", Family.SD1, int(2.13 * GB), 512, 1.5, True, 0.40),
+    Variant("sdxl", Family.SDXL, int(6.94 * GB), 1024, 4.0, True, 0.30),
+    Variant("sd3m", Family.SD3, int(5.97 * GB), 1024, 5.0, True, 0.06),
+    Variant("sd3m-t5", Family.SD3, int(15.50 * GB), 1024, 5.0, True, 0.06),
+    Variant("flux-bf16", Family.FLUX, int(33.74 * GB), 1024, 8.0, True, 0.06),
+    Variant("flux-bf16-t5fp8", Family.FLUX, int(28.98 * GB), 1024, 8.0, True, 0.03),
+    Variant("flux-nf4", Family.FLUX, int(16.64 * GB), 1024, 10.0, False, 0.05),
+    Variant("flux-nf4-t5nf4", Family.FLUX, int(9.79 * GB), 1024, 10.0, False, 0.04),
 )
 
 # Throughput relative to an A100 for diffusion inference (modeled, not measured).
