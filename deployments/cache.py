@@ -141,7 +141,7 @@ class EntryReport:
     estimate_bytes: int
     idle_s: float
     in_use: int  # leases pinning it, plus 1 while the cache has it claimed (loading or moving)
-    loading: bool = False  # being loaded onto the device (from disk or host): a request for it waits for that
+    loading: str = ""  # being loaded onto the device, from "disk" or "host": a request for it waits for that
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class _Entry:
     last_used_s: float
     pins: int = 0
     busy: bool = False  # being loaded or moved: not usable, not evictable
-    loading: bool = False  # busy with a load onto the device (not a move off it)
+    loading: str = ""  # busy with a load onto the device (not a move off it): "disk" or "host"
 
 
 @dataclass
@@ -423,7 +423,8 @@ class PipelineCache:
             if e is None:
                 e = _Entry(name, Tier.DEVICE, None, entry_bytes, weights_bytes, offloadable, self._clock())
                 self._entries[name] = e
-            e.tier, e.busy, e.loading = Tier.DEVICE, True, True  # reserved at entry_bytes while it loads
+            # Reserved at entry_bytes while it loads.
+            e.tier, e.busy, e.loading = Tier.DEVICE, True, "host" if tier is Tier.HOST else "disk"
         start = self._clock()
         try:
             if tier is Tier.HOST:
@@ -437,13 +438,13 @@ class PipelineCache:
                 if tier is Tier.DISK:
                     self._entries.pop(name, None)
                 else:
-                    e.tier, e.busy, e.loading = Tier.HOST, False, False  # the move failed; the host copy stands
+                    e.tier, e.busy, e.loading = Tier.HOST, False, ""  # the move failed; the host copy stands
             if tier is Tier.DISK and e.obj is not None:
                 self._backend.free(e.obj)
             raise
         load_s = self._clock() - start
         with self._lock:
-            e.loading = False  # loaded: still claimed until pinned, below
+            e.loading = ""  # loaded: still claimed until pinned, below
             if tier is Tier.DISK:
                 e.bytes = measured
                 self._measured[name] = (weights_bytes, measured)

@@ -221,9 +221,10 @@ class Ledger:
         for p in placed.values():
             current = entries.get(p.checkpoint)
             if current is None or current.tier != "device":
-                # Loading until a report shows it (or its request is done: then it loaded).
-                entries[p.checkpoint] = EntryView("device", p.weights_bytes, 0.0, int(p.completed_s is None),
-                                                  p.completed_s is None)
+                # Loading until a report shows it (or its request is done: then it loaded),
+                # from the host where the report had it there, else from disk.
+                source = ("host" if current is not None else "disk") if p.completed_s is None else ""
+                entries[p.checkpoint] = EntryView("device", p.weights_bytes, 0.0, int(p.completed_s is None), source)
                 used += p.weights_bytes
             elif p.completed_s is None:
                 # EntryView(...) rather than dataclasses.replace: an overlay runs per placement.

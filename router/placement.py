@@ -65,7 +65,8 @@ class EntryView:
     in_use: int = 0
     # On the device in the books but still being loaded there (the ledger's placements not
     # yet in a report, or a report's entry mid-load): a request for it waits for the load.
-    loading: bool = False
+    # Where from: "disk" or "host" ("": not loading).
+    loading: str = ""
 
 
 @dataclass(frozen=True)
@@ -324,8 +325,8 @@ def _fixed_s(view: ReplicaView, checkpoint: str, rank_: int, weights: int, evict
             return 0.0
         # The load's whole time, a bound from above of what is left of it (when it started
         # is not known here): a holder still loading was taken for a free one, and a burst
-        # queued on it (bench/sim seed 4).
-        bps = view.disk_load_bytes_per_s
+        # queued on it (bench/sim seed 4). At the speed of where it loads from.
+        bps = view.host_reload_bytes_per_s if entry.loading == "host" else view.disk_load_bytes_per_s
         return entry.bytes / bps if bps > 0 else None
     if rank_ == _ON_HOST:
         bps = view.host_reload_bytes_per_s

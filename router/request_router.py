@@ -43,7 +43,8 @@ log = logging.getLogger("memrouter.request_router")
 
 def view_from_report(replica_id: str, report: dict[str, Any], queue_len: int) -> ReplicaView:
     entries = {
-        e["name"]: EntryView(e["tier"], int(e["bytes"]), float(e["idle_s"]), int(e["in_use"]), bool(e.get("loading")))
+        e["name"]: EntryView(e["tier"], int(e["bytes"]), float(e["idle_s"]), int(e["in_use"]),
+                             _LOAD_SOURCES.get(e.get("loading") or "", "disk"))
         for e in report.get("entries", ())
     }
     times = report.get("service_times") or {}
@@ -387,6 +388,7 @@ class _QueueLens:
         return q
 
 
+_LOAD_SOURCES = {"": "", "disk": "disk", "host": "host"}  # a report's loading; anything else truthy: disk
 _FULL_PASS_EVERY = 64  # decisions between full passes over the same candidate list (see rank_for)
 _BACKLOG_SCAN = 4096  # unsent requests looked at per decision for the backlog (see _backlog)
 

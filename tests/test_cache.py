@@ -527,7 +527,7 @@ def test_an_entry_being_loaded_is_reported_as_loading_until_it_is_on_the_device(
     use(cache, clock, "a")  # from disk
     cache.offload("a")
     use(cache, clock, "a")  # from the host
-    assert [(e.tier, e.in_use, e.loading) for e in seen] == [("device", 1, True), ("device", 1, True)]
-    assert cache.report().entry("a").loading is False
+    assert [(e.tier, e.in_use, e.loading) for e in seen] == [("device", 1, "disk"), ("device", 1, "host")]
+    assert cache.report().entry("a").loading == ""
     cache.offload("a")  # a move off the device is not a load
-    assert cache.report().entry("a").loading is False
+    assert cache.report().entry("a").loading == ""

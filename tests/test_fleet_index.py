@@ -428,9 +428,12 @@ def test_a_holder_still_loading_the_checkpoint_waits_for_its_load():
         return ReplicaView("h", 100, 40, F16, {"x": EntryView("device", 40, 0.0, 1, loading)}, 0, inference_s=1.0,
                            disk_load_bytes_per_s=1.0)  # its load: 40 s
     other = ReplicaView("o", 100, 0, F16, {}, 0, inference_s=1.0, disk_load_bytes_per_s=4.0)  # loads in 10 s
-    assert rank_indices([holder(False), other], _x_need(), queue_lens=[1, 0]) == [0]  # 1 s vs a 10 s load
-    assert rank_indices([holder(True), other], _x_need(), queue_lens=[1, 0]) == [1, 0]  # 41 s: sooner elsewhere
+    assert rank_indices([holder(""), other], _x_need(), queue_lens=[1, 0]) == [0]  # 1 s vs a 10 s load
+    assert rank_indices([holder("disk"), other], _x_need(), queue_lens=[1, 0]) == [1, 0]  # 41 s: sooner elsewhere
+    # A reload from the host at its own speed (100 bytes/s here): 1.4 s, the holder stays first.
+    assert rank_indices([dataclasses.replace(holder("host"), host_reload_bytes_per_s=100.0), other], _x_need(),
+                        queue_lens=[1, 0]) == [0]
     fleet = FleetIndex()
-    fleet.set_view(0, holder(True))
+    fleet.set_view(0, holder("disk"))
     fleet.set_view(1, other)
     assert fleet.rank(_x_need(), [1, 0]) == [1, 0]

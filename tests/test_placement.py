@@ -227,7 +227,8 @@ def random_views(rng, n):
             tier = rng.choice(["device", "device", "host"])
             in_use = int(rng.random() < 0.2)
             entries[f"c{rng.randrange(12)}"] = EntryView(tier, rng.randrange(5, 60), float(rng.randrange(0, 4)),
-                                                         in_use, tier == "device" and in_use and rng.random() < 0.5)
+                                                         in_use, rng.choice(["disk", "host"])
+                                                         if tier == "device" and in_use and rng.random() < 0.5 else "")
         used = sum(e.bytes for e in entries.values() if e.tier == "device")
         views.append(ReplicaView(f"r{i}", rng.choice([80, 120, 200]), used, rng.choice([F16, "float32"]), entries,
                                  rng.randrange(0, 6), max_resident=rng.choice([2, 3, 16])))
@@ -964,20 +965,24 @@ def test_the_ledger_overlay_marks_a_placement_not_yet_reported_as_loading():
     from router.placement import EntryView, ReplicaView
 
     ledger = Ledger()
-    base = ReplicaView("a", 100, 40, F16, {"y": EntryView("device", 40, 0.0, 1, True)}, 0)
+    base = ReplicaView("a", 100, 40, F16, {"y": EntryView("device", 40, 0.0, 1, "disk"), "z": EntryView("host", 20)}, 0)
     ledger.routed("c1", "a", "x", weights_bytes=30, now_s=1.0, request_id="r1")  # not in the report: a load to come
     ledger.routed("c2", "a", "y", weights_bytes=40, now_s=1.0, request_id="r2")  # reported mid-load
+    ledger.routed("c3", "a", "z", weights_bytes=20, now_s=1.0, request_id="r3")  # on the host: a reload to come
     view = ledger.overlay(base)
-    assert view.entries["x"] == EntryView("device", 30, 0.0, 1, True)
-    assert view.entries["y"] == EntryView("device", 40, 0.0, 2, True)  # the report's loading flag kept
+    assert view.entries["x"] == EntryView("device", 30, 0.0, 1, "disk")
+    assert view.entries["y"] == EntryView("device", 40, 0.0, 2, "disk")  # the report's loading flag kept
+    assert view.entries["z"] == EntryView("device", 20, 0.0, 1, "host")  # charged at host speed, not disk
     ledger.completed("r1", "a", now_s=2.0)
-    assert ledger.overlay(base).entries["x"].loading is False  # its request done: it loaded
+    assert ledger.overlay(base).entries["x"].loading == ""  # its request done: it loaded
 
 
 def test_a_reports_loading_flag_reaches_the_view():
     from router.request_router import view_from_report
 
     report = _report(100, [("x", "device", 40), ("y", "device", 20)])
-    report["entries"][0]["loading"] = True
+    report["entries"][0]["loading"] = "host"
     view = view_from_report("a", report, 0)
-    assert view.entries["x"].loading is True and view.entries["y"].loading is False  # absent: not loading
+    assert view.entries["x"].loading == "host" and view.entries["y"].loading == ""  # absent: not loading
+    report["entries"][1]["loading"] = True  # a replica that says only that it loads: from disk (the longer)
+    assert view_from_report("a", report, 0).entries["y"].loading == "disk"

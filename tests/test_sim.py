@@ -242,7 +242,7 @@ def test_loads_measuring_above_their_estimate_are_retried_not_recursed():
     res = simulate(sc, jobs=1)
     for p, m in res["policies"].items():
         assert m["completed"] + m["refused"] == 400 and m["oom"] == 0, p
-    for p in "abcd":
+    for p in "bcd":
         assert res["policies"][p]["shortfalls"] > 0, p  # refusals happened, and were retried
     # (a)'s cache evicts more for a load's measured overrun: it answers more of them than (c)
     # does (a checkpoint 5% over a replica's whole budget is refused there whatever it evicts).

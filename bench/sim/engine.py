@@ -259,6 +259,7 @@ class Simulation:
             # running job's checkpoint until its load ends.
             job = r.running
             loading = job.ck.name if job is not None and job.served_from != "device" and now < job.loaded_s else None
+            source = job.served_from if loading else ""
             if r.changed or r.report_src is None or not self.p.age_reports or loading or r.reported_loading:
                 r.reported_loading = loading is not None
                 rep = r.cache.report()
@@ -269,7 +270,7 @@ class Simulation:
                     "device_budget_bytes": rep.device_budget_bytes,
                     "device_used_bytes": rep.device_used_bytes,
                     "entries": [{"name": e.name, "tier": e.tier, "bytes": e.bytes, "idle_s": e.idle_s,
-                                 "in_use": e.in_use, "loading": e.loading or e.name == loading} for e in rep.entries],
+                                 "in_use": e.in_use, "loading": e.loading or (source if e.name == loading else "")} for e in rep.entries],
                     "timestamp_s": now,
                 }
                 if self.p.service_times:
