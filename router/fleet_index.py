@@ -209,17 +209,11 @@ class FleetIndex:
             # Each list moves only where its own key changed: order by base, by_fixed by
             # fixed_s (bench/sim: most moves change one of the two, e.g. the victims' last
             # use and not the bytes evicted).
-            if old is None:
-                if s is None:
-                    continue
-                moved_base = moved_fixed = True
-            elif s is None:
-                moved_base = moved_fixed = True
-            else:
-                moved_base = old.base != s.base
-                moved_fixed = sized and old.fixed_s != s.fixed_s
-                if not moved_base and not moved_fixed:
-                    continue  # the same place in both lists (a view that still fits, say)
+            one_side = old is None or s is None
+            moved_base = one_side or old.base != s.base
+            moved_fixed = sized and (one_side or old.fixed_s != s.fixed_s)
+            if (old is None and s is None) or not (moved_base or moved_fixed):
+                continue  # in neither list, or the same place in both (a view that still fits, say)
             if moved_base:
                 if old is not None:
                     i = bisect_left(order, old.base | slot)
@@ -227,7 +221,7 @@ class FleetIndex:
                     del order[i]
                 if s is not None:
                     insort(order, s.base | slot)
-            if sized and moved_fixed:
+            if moved_fixed:
                 if old is not None:
                     key = fixed_keys.pop(slot)
                     i = bisect_left(by_fixed, key)
