@@ -14,6 +14,7 @@ SIGBUS on truncation) a pipeline already in memory.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import itertools
 import logging
@@ -498,20 +499,22 @@ def empty_device_cache() -> None:
     _trim_host_heap()
 
 
-_MALLOC_TRIM: list = []  # [glibc's malloc_trim, or None where there is none], resolved on first use
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library is not glibc (resolved once)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _trim_host_heap() -> None:
     """glibc keeps freed heap memory for reuse: a cpu replica that released its pipelines
     still held all of their RAM (review: 0.0 MB back after three releases; malloc_trim gave
     back 142.9 MB), while its report said 0 used. A no-op where the C library is not glibc."""
-    if not _MALLOC_TRIM:
-        try:
-            _MALLOC_TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):
-            _MALLOC_TRIM.append(None)
-    if _MALLOC_TRIM[0] is not None:
-        _MALLOC_TRIM[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
