@@ -171,19 +171,18 @@ class Simulation:
         sizes = {c.name: int(c.weights_bytes * params.size_error) for c in catalog}
         self.reps: list[Rep] = []
         # Eligibility: which checkpoints each replica's budget can ever hold (weights + workspace).
-        self.eligible: list[bytearray] = []
+        self.eligible: list[bytearray] = [bytearray(c.total_bytes <= s.profile.device_budget_bytes for c in catalog)
+                                          for s in fleet]
         self.mux_cap: list[int] = []
         # @serve.multiplexed takes one max_num_models_per_replica for the whole deployment: the
         # largest that over-commits no replica's budget, i.e. the least of the per-replica
         # figures (per replica, the big boards took 2 and sent every cold model to the small
         # ones, each of which then held 1: a setting Ray cannot express, and worse for (b)).
-        uniform_cap = min((mux_capacity(s.profile.device_budget_bytes,
-                                        [c for c in catalog if c.total_bytes <= s.profile.device_budget_bytes])
-                           for s in fleet), default=1) if policy == "b" else 1
+        uniform_cap = min((mux_capacity(s.profile.device_budget_bytes, [c for c, ok in zip(catalog, elig) if ok])
+                           for s, elig in zip(fleet, self.eligible)), default=1) if policy == "b" else 1
         for spec in fleet:
             prof = spec.profile
             budget = prof.device_budget_bytes
-            self.eligible.append(bytearray(c.total_bytes <= budget for c in catalog))
             if policy == "a":
                 cfg = CacheConfig(device_budget_bytes=budget, host_budget_bytes=prof.host_budget_bytes,
                                   idle_offload_s=prof.idle_offload_s if params.idle_timers else NEVER,
