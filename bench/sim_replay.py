@@ -180,8 +180,8 @@ def _replay_in_child(calls_path: Path, router_dir: Path | None) -> dict[str, Any
 def _portable(calls: list[tuple]) -> list[tuple]:
     """The calls in plain types (dicts, tuples, numbers, strings): the revision's classes
     may lay their objects out otherwise (slots, new fields), so a pickle of this checkout's
-    objects would not load there. Views keep their init fields by name, entries as
-    (tier, bytes, idle_s, in_use)."""
+    objects would not load there. Views keep their init fields by name, and their entries
+    every field by name."""
     out = []
     for c in calls:
         if c[0] == "v":
