@@ -419,6 +419,28 @@ def test_requests_waiting_at_the_router_count_in_the_holders_wait():
         rank_indices(views, _x_need(), queue_lens=queues, backlog=-1)
 
 
+def test_the_backlog_drains_at_the_holders_summed_rates():
+    """Two holders, 1 s and 9 s per inference, and 20 requests waiting at the router: they
+    drain in 20 / (1 + 1/9) = 18 s, not in 20 x 1 s / 2 = 10 s (the fastest holder's pace
+    for both, which kept a burst on its holders: bench/sim seed 4, p99 96.6 -> 80.4 s). A
+    replica that loads in 15 s is kept at 20 waiting; at 11 (9.9 s) it is not."""
+    from router.placement import EntryView
+
+    fast = ReplicaView("fast", 100, 40, F16, {"x": EntryView("device", 40)}, 0, inference_s=1.0,
+                       disk_load_bytes_per_s=1e9)
+    slow = ReplicaView("slow", 100, 40, F16, {"x": EntryView("device", 40)}, 0, inference_s=9.0,
+                       disk_load_bytes_per_s=1e9)
+    other = ReplicaView("o", 100, 0, F16, {}, 0, inference_s=1.0, disk_load_bytes_per_s=40 / 15)  # loads in 15 s
+    views, queues = [fast, slow, other], [4, 0, 0]  # best holder wait: 0 s (slow's queue)
+    fleet = FleetIndex()
+    for i, v in enumerate(views):
+        fleet.set_view(i, v)
+    for backlog, expected in [(11, [1, 0]), (20, [1, 2, 0])]:
+        # kept, after the idle holder (by rank) and before the spilled one
+        assert rank_indices(views, _x_need(), queue_lens=queues, backlog=backlog) == expected, backlog
+        assert fleet.rank(_x_need(), queues, backlog=backlog) == expected, backlog
+
+
 def test_a_holder_still_loading_the_checkpoint_waits_for_its_load():
     """The ledger's placement (and a report taken mid-load) has the entry on the device: it
     was a holder with nothing left to load, and a burst queued on it (bench/sim seed 4)."""
