@@ -269,8 +269,12 @@ class ModelReplica:
             self._sample("shortfall")
             status = 413 if lease.permanent else 503
             code = "exceeds_replica_budget" if lease.permanent else "replica_busy"
+            # A 413 says what it measured (its footprint less this request's workspace): the
+            # router plans with it from now on and asks a replica with room (router/measured_sizes.py).
+            measured = {"measured_weights_bytes": lease.need_bytes - est.workspace_bytes,
+                        "estimate_weights_bytes": est.weights_bytes} if lease.permanent else {}
             return error(status, code, lease.message(), need_bytes=lease.need_bytes, budget_bytes=lease.budget_bytes,
-                         retry_after_s=None if lease.permanent else 1)
+                         retry_after_s=None if lease.permanent else 1, **measured)
         load_ms = (time.perf_counter() - t0) * 1000
         if lease.served_from.value != "device":
             self._metrics.load_seconds(load_ms / 1000, lease.served_from.value)

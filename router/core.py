@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from router.api import GenerateRequest, GenerateResponse, RequestLimitError, check_image_size, resolve_request
 from router.estimator import TARGET_DTYPE_BYTES, EstimateError, Estimator
+from router.measured_sizes import MeasuredSizes
 from router.placement import Need
 from router.registry import CheckpointSpec, Dtype, Registry, UnknownCheckpointError
 from router.request_router import ReportBoard
@@ -120,6 +121,8 @@ class RouterCore:
         self.settings = settings
         self.registry = registry
         self.estimator = Estimator()
+        # What replicas measured above the estimate (their 413s): later needs are raised to it.
+        self.measured = MeasuredSizes()
         self.replicas = replicas
         # The request router for this handle publishes under the same key (request_router.py).
         self._board_key = (replicas.app_name, replicas.deployment_name)
@@ -139,7 +142,7 @@ class RouterCore:
         if spec.dtype is not Dtype.AUTO:  # every replica serves it at the spec's dtype
             weights = dict.fromkeys(TARGET_DTYPE_BYTES, weights[dtypes[0]])
             workspace = dict.fromkeys(TARGET_DTYPE_BYTES, workspace[dtypes[0]])
-        return Need(spec.name, weights, workspace), est.family
+        return self.measured.adjust(Need(spec.name, weights, workspace)), est.family
 
     async def admit(self, need: Need) -> None:
         """Refuse, before any load, a request that fits no replica's budget (413 with numbers).
@@ -164,14 +167,24 @@ class RouterCore:
             raise ServiceError(413, "exceeds_every_budget", problem)
 
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        """Serve one validated request; raises :class:`ServiceError`."""
+        """Serve one validated request; raises :class:`ServiceError`.
+
+        A replica that measured the checkpoint above the estimate and over its own budget
+        answers 413 with what it measured: the call is made once more with the need raised
+        to it (admission first: 413 ``exceeds_every_budget`` when no replica fits it), so a
+        replica with room serves it, and so do later requests at once (:class:`MeasuredSizes`).
+        Each of the two calls has its own ``request_timeout_s``."""
         payload, need, received_s = self._prepare(req)
-        await self.admit(need)
-        response = remote_as_own_request(self.replicas.generate, payload, need)
-        try:
-            result = await self.reply(response)
-        except _CALL_ERRORS as exc:
-            raise self._failure(exc) from None
+        for _ in range(2):
+            await self.admit(need)
+            response = remote_as_own_request(self.replicas.generate, payload, need)
+            try:
+                result = await self.reply(response)
+            except _CALL_ERRORS as exc:
+                raise self._failure(exc) from None
+            need = self.measured.learn(result, need)
+            if need is None:
+                break
         return self._finish(result, received_s)
 
     async def reply(self, response: Any) -> Any:
@@ -200,12 +213,16 @@ class RouterCore:
         """:meth:`generate` for synchronous callers (not inside an event loop): blocks on the
         handle's result instead of awaiting it, without an event loop of its own."""
         payload, need, received_s = self._prepare(req)
-        self.admit_sync(need)
-        response = remote_as_own_request(self.replicas.generate, payload, need)
-        try:
-            result = self.reply_sync(response)
-        except _CALL_ERRORS as exc:
-            raise self._failure(exc) from None
+        for _ in range(2):  # as generate: once more with a need raised to a replica's measure
+            self.admit_sync(need)
+            response = remote_as_own_request(self.replicas.generate, payload, need)
+            try:
+                result = self.reply_sync(response)
+            except _CALL_ERRORS as exc:
+                raise self._failure(exc) from None
+            need = self.measured.learn(result, need)
+            if need is None:
+                break
         return self._finish(result, received_s)
 
     def _prepare(self, req: GenerateRequest) -> tuple[dict[str, Any], Need, float]:
