@@ -34,9 +34,9 @@ import struct
 from bisect import bisect_left, insort
 from typing import Sequence
 
-from router.placement import (_BUSY, _FIELD_BITS, _FIELD_MASK, _FITS, _LATER, _MISS, _ON_HOST, _SOONER_LOAD_FACTOR,
-                              _SPILLED, Need, ReplicaView, _best_wait_s, _fill_memo, _gate, _keep, _later, _rank_floor,
-                              _same_size_scores, _Score, _size_score, _sooner)
+from router.placement import (_BUSY, _FIELD_BITS, _FIELD_MASK, _FITS, _INF, _LATER, _MISS, _ON_HOST,
+                              _SOONER_LOAD_FACTOR, _SPILLED, Need, ReplicaView, _best_wait_s, _fill_memo, _gate, _keep,
+                              _later, _rank_floor, _same_size_scores, _Score, _size_score, _sooner, _timed_holder_key)
 
 _MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
 
@@ -270,28 +270,74 @@ class FleetIndex:
         # and kept sorted across decisions as the size classes are.
         held: list[int] = []  # static base | slot of the holders that can serve
         hscores: Sequence[_Score | None] = ()
+        on_device_or_host: list[int] = []
+        timed = False  # every holder on its device or host has measured times (placement._timed_holder_key)
         if holders:
             hcls = self._synced(need, need.checkpoint)
             held, hscores = hcls.order, hcls.scores
-            # A holder on its device or host that is below the spill line places before every
-            # other replica (they rank FITS or worse) and passes the holder gate: when want of
-            # them are certain, the decision is made without reading every holder's queue
-            # (a popular checkpoint has many holders) or looking at anyone else.
-            ranked, spilled = self._walk(held, None, hscores, queue_lens, spill_queue_len, want, _NO_GATE,
-                                         evict_for_held, min_queue_len, _AFTER_ON_HOST)
-            if spilled is None and not self._sooner_possible(need, ranked, hscores, backlog):
-                ranked.sort()
-                return [k & _FIELD_MASK for k in ranked[:want]]
+            least_inference_s = _INF
+            timed = True
+            for key in held:
+                slot = key & _FIELD_MASK
+                s = hscores[slot]
+                if s.rank <= _ON_HOST:
+                    on_device_or_host.append(slot)
+                    if s.fixed_s is None:
+                        timed = False
+                    elif views[slot].inference_s < least_inference_s:
+                        least_inference_s = views[slot].inference_s
+            timed = timed and bool(on_device_or_host)
+            if not timed:
+                # A holder on its device or host that is below the spill line places before every
+                # other replica (they rank FITS or worse) and passes the holder gate: when want of
+                # them are certain, the decision is made without reading every holder's queue
+                # (a popular checkpoint has many holders) or looking at anyone else.
+                ranked, spilled = self._walk(held, None, hscores, queue_lens, spill_queue_len, want, _NO_GATE,
+                                             evict_for_held, min_queue_len, _AFTER_ON_HOST)
+                if spilled is None and not self._sooner_possible(need, ranked, hscores, backlog):
+                    ranked.sort()
+                    return [k & _FIELD_MASK for k in ranked[:want]]
 
         hkeys: list[int] = []
-        for key in held:
-            q = queue_lens[key & _FIELD_MASK]
-            if not min_queue_len <= q <= _FIELD_MASK:
-                raise _bad_queue(q, min_queue_len)
-            hkeys.append(key | (q << _FIELD_BITS) | (_SPILLED if q >= spill_queue_len else 0))
-        on_device_or_host = [slot for slot in (key & _FIELD_MASK for key in held) if hscores[slot].rank <= _ON_HOST]
-        best_wait_s = _best_wait_s(((hscores[slot], queue_lens[slot], views[slot]) for slot in on_device_or_host),
-                                   backlog)
+        if timed:
+            # Every holder's queue is read: they order by expected wait. One pass gives their
+            # keys and placement._best_wait_s's figure (the same floats in the same order: the
+            # rate's sum by slot, as rank_indices sums by view index).
+            line_s = spill_queue_len * least_inference_s  # placement._holder_spill_line_s
+            below: list[int] = []
+            best_wait_s = _INF
+            for key in held:
+                slot = key & _FIELD_MASK
+                q = queue_lens[slot]
+                if not min_queue_len <= q <= _FIELD_MASK:
+                    raise _bad_queue(q, min_queue_len)
+                s = hscores[slot]
+                if s.rank <= _ON_HOST:
+                    inference_s = views[slot].inference_s
+                    wait_s = q * inference_s + s.fixed_s
+                    if wait_s < best_wait_s:
+                        best_wait_s = wait_s
+                    k = _timed_holder_key(s.base, q, inference_s, slot, line_s)
+                    if not k & _SPILLED:
+                        below.append(k)
+                    hkeys.append(k)
+                else:
+                    hkeys.append(key | (q << _FIELD_BITS) | (_SPILLED if q >= spill_queue_len else 0))
+            if backlog:
+                best_wait_s += backlog / sum([1.0 / views[slot].inference_s for slot in sorted(on_device_or_host)])
+            # The same shortcut by the holders' expected waits: want of them below the spill
+            # line place before every other replica unless one could be sooner than the best.
+            if len(below) >= want and not self._sooner_possible_at(need, best_wait_s):
+                below.sort()
+                return [k & _FIELD_MASK for k in below[:want]]
+        else:
+            for key in held:
+                q = queue_lens[key & _FIELD_MASK]
+                if not min_queue_len <= q <= _FIELD_MASK:
+                    raise _bad_queue(q, min_queue_len)
+                hkeys.append(key | (q << _FIELD_BITS) | (_SPILLED if q >= spill_queue_len else 0))
+            best_wait_s = _best_wait_s(((hscores[slot], queue_lens[slot], views[slot]) for slot in on_device_or_host),
+                                       backlog)
         gate = bool(on_device_or_host) and (best_wait_s is not None or not evict_for_held)
         if gate:
             hkeys = _gate(hkeys, [hscores[key & _FIELD_MASK] for key in held], views, queue_lens, best_wait_s,
@@ -393,6 +439,11 @@ class FleetIndex:
         # With backlog, over fewer holders than rank's own figure: still a bound from above.
         wait_s = _best_wait_s(((hscores[key & _FIELD_MASK], (key >> _FIELD_BITS) & _FIELD_MASK,
                                 views[key & _FIELD_MASK]) for key in ranked), backlog)
+        return self._sooner_possible_at(need, wait_s)
+
+    def _sooner_possible_at(self, need: Need, wait_s: float | None) -> bool:
+        """:meth:`_sooner_possible` given ``wait_s``, a bound from above of the best holder's
+        wait (None: a holder without measured times)."""
         if wait_s is None or wait_s == 0.0:
             return False
         cls = self._synced(need)

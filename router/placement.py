@@ -11,9 +11,10 @@ Ranking (lower is better), per the design:
      longest ago (the earliest mean last-use time),
   5. needs entries that are in use right now evicted: it waits for them, then evicts,
   6. can never fit (bigger than the replica's budget) -- not returned.
-Queue length breaks ties. A replica whose queue is at or above ``spill_queue_len`` is
-ranked after every replica below it, so a hot checkpoint spreads to a second replica only
-when the first one is busy.
+Queue length breaks ties (for holders with measured times, the expected wait: see
+rank_indices). A replica whose queue is at or above ``spill_queue_len`` is ranked after
+every replica below it, so a hot checkpoint spreads to a second replica only when the
+first one is busy.
 """
 
 from __future__ import annotations
@@ -196,14 +197,14 @@ _MEMO_MAX = 4096  # distinct needs remembered per view; a view lives about one r
 # took about 150 us with tuples and about 20 us with ints (CPython 3.11, bench machine).
 # The int orders exactly as the tuple
 # (spilled, later, rank, evict bytes, victims' mean last-use s, queue length, view index) would:
-#   bit 256          spilled (queue at or above spill_queue_len)
+#   bit 256          spilled (queue at or above spill_queue_len; see _timed_holder_key)
 #   bit 255          later: set by rank_indices's holder gate, once the holders' times are
 #                    measured, on every replica not expected to start the request sooner
 #                    than the best holder (see rank_indices)
 #   bits 192..194    rank
 #   bits 128..191    evict bytes
 #   bits 64..127     victims' mean last-use s, as an ordered 64-bit image of the float
-#   bits 32..63      queue length
+#   bits 32..63      queue length (a holder with measured times: its expected wait in ms)
 #   bits 0..31       index into the views
 _FIELD_BITS = 32
 _FIELD_MASK = (1 << _FIELD_BITS) - 1
@@ -484,6 +485,12 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     quicker so stops taking the checkpoint's requests before its queue reaches
     ``spill_queue_len``. See _SOONER_LOAD_FACTOR for what it did in the simulator.
 
+    Holders by wait: once every holder on its device or host has measured times, those
+    holders order by expected wait (``queue x inference_s``) instead of queue length, and
+    are past the spill line once that wait reaches ``spill_queue_len`` requests at the
+    fastest holder's time (see _timed_holder_key). :func:`rank` (no times) keeps the order
+    by queue length.
+
     Caveat: the estimate is per replica, not per checkpoint (one mean inference time), and
     assumes the queue ahead runs at that mean.
     """
@@ -492,6 +499,11 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     keys, scores, queue_lens, held = _scored(views, need, spill_queue_len, queue_lens)
     best_wait_s = _best_wait_s(((scores[j], queue_lens[keys[j] & _FIELD_MASK], views[keys[j] & _FIELD_MASK])
                                 for j in held), backlog)
+    if held and best_wait_s is not None:
+        line_s = _holder_spill_line_s((views[keys[j] & _FIELD_MASK] for j in held), spill_queue_len)
+        for j in held:
+            i = keys[j] & _FIELD_MASK
+            keys[j] = _timed_holder_key(scores[j].base, queue_lens[i], views[i].inference_s, i, line_s)
     if held and (best_wait_s is not None or not evict_for_held):  # else the gate keeps every replica
         # Filtering before the sort: under load most non-holders drop out here.
         keys = _gate(keys, scores, views, queue_lens, best_wait_s, evict_for_held)
@@ -530,6 +542,26 @@ def _best_wait_s(held, backlog: int = 0) -> float | None:
     if backlog and rate:
         best += backlog / rate
     return best
+
+
+def _holder_spill_line_s(held_views, spill_queue_len: int) -> float:
+    """The spill line of timed holders, in seconds: ``spill_queue_len`` requests at the
+    fastest holder's inference time (every holder measured; see _timed_holder_key)."""
+    return spill_queue_len * min(v.inference_s for v in held_views)
+
+
+def _timed_holder_key(base: int, queue_len: int, inference_s: float, index: int, line_s: float) -> int:
+    """The sort key of a holder on its device or host once every such holder has measured
+    times: ordered by its expected wait (``queue x inference_s``, in ms) instead of its queue
+    length, and past the spill line once that wait reaches ``line_s`` (so, at least, from
+    ``spill_queue_len`` requests on). By queue length alone a slow holder (an L4 at 25 s a
+    Flux image) with 3 queued placed before a fast one (an H100 at 5 s) with 4, and before
+    any replica that would load the checkpoint: a burst queued up to max_ongoing_requests
+    deep on it (bench/sim seed 5: 130 s in one replica's queue). Policy a, seeds 1 to 8: p99
+    median 65.8 -> 64.2 s, better on 5 seeds, worse on seed 8 (59.7 -> 63.3 s); p50 lower on 3."""
+    wait_s = queue_len * inference_s
+    key = base | (min(int(wait_s * 1000.0), _FIELD_MASK) << _FIELD_BITS) | index
+    return key | _SPILLED if wait_s >= line_s else key
 
 
 def _gate(keys: list[int], scores: list[_Score], views: Sequence[ReplicaView], queue_lens: Sequence[int],

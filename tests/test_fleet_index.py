@@ -441,6 +441,34 @@ def test_the_backlog_drains_at_the_holders_summed_rates():
         assert fleet.rank(_x_need(), queues, backlog=backlog) == expected, backlog
 
 
+def test_measured_holders_order_by_expected_wait_and_spill_by_time():
+    """A slow holder (25 s an image) with 1 queued placed before a fast one (1 s) with 3, by
+    queue length, and a burst filled it max_ongoing_requests deep (bench/sim seed 5: 130 s in
+    one replica's queue). Measured, they order by queue x inference_s, and the slow one is
+    past the spill line (4 requests at the fastest holder's 1 s): a replica that loads the
+    checkpoint in 2 s is placed before it."""
+    from router.placement import EntryView
+
+    fast = ReplicaView("fast", 100, 40, F16, {"x": EntryView("device", 40)}, 0, inference_s=1.0,
+                       disk_load_bytes_per_s=1e9)
+    slow = ReplicaView("slow", 100, 40, F16, {"x": EntryView("device", 40)}, 0, inference_s=25.0,
+                       disk_load_bytes_per_s=1e9)
+    other = ReplicaView("o", 100, 0, F16, {}, 0, inference_s=1.0, disk_load_bytes_per_s=40 / 2)  # loads in 2 s
+    views, queues = [slow, fast, other], [1, 3, 0]
+    fleet = FleetIndex()
+    for i, v in enumerate(views):
+        fleet.set_view(i, v)
+    assert rank_indices(views, _x_need(), queue_lens=queues) == [1, 2, 0]
+    for limit in (None, 1, 2):
+        assert fleet.rank(_x_need(), queues, limit=limit) == [1, 2, 0][:limit], limit
+    # Without the fast holder's times (no inference yet) the order is by queue length
+    unmeasured = dataclasses.replace(fast, inference_s=0.0)
+    views[1] = unmeasured
+    fleet.set_view(1, unmeasured)
+    assert rank_indices(views, _x_need(), queue_lens=queues) == [0, 1, 2]
+    assert fleet.rank(_x_need(), queues) == [0, 1, 2]
+
+
 def test_a_holder_still_loading_the_checkpoint_waits_for_its_load():
     """The ledger's placement (and a report taken mid-load) has the entry on the device: it
     was a holder with nothing left to load, and a burst queued on it (bench/sim seed 4)."""

@@ -93,7 +93,8 @@ def _core(demo_dir, answers: list[dict], budget_bytes: int | None = None):
 
     async def admit(need):  # admission against one replica budget, as _judge does with reports
         admitted.append(need)
-        if budget_bytes is not None and max(w + need.workspace_bytes[d] for d, w in need.weights_bytes.items()) > budget_bytes:
+        biggest = max(w + need.workspace_bytes[d] for d, w in need.weights_bytes.items())
+        if budget_bytes is not None and biggest > budget_bytes:
             raise ServiceError(413, "exceeds_every_budget", "over")
 
     core.admit = admit
