@@ -558,7 +558,8 @@ def _timed_holder_key(base: int, queue_len: int, inference_s: float, index: int,
     Flux image) with 3 queued placed before a fast one (an H100 at 5 s) with 4, and before
     any replica that would load the checkpoint: a burst queued up to max_ongoing_requests
     deep on it (bench/sim seed 5: 130 s in one replica's queue). Policy a, seeds 1 to 8: p99
-    median 65.8 -> 64.2 s, better on 5 seeds, worse on seed 8 (59.7 -> 63.3 s); p50 lower on 3."""
+    median 65.8 -> 64.4 s, lower on 6 seeds (seed 4: 80.4 -> 67.9 s), higher on seeds 2 and 8
+    (64.4 -> 66.5, 59.7 -> 62.3 s); p50 lower on 5, the same on the other 3."""
     wait_s = queue_len * inference_s
     key = base | (min(int(wait_s * 1000.0), _FIELD_MASK) << _FIELD_BITS) | index
     return key | _SPILLED if wait_s >= line_s else key
