@@ -173,13 +173,14 @@ class RouterCore:
         answers 413 with what it measured: the call is made once more with the need raised
         to it (admission first: 413 ``exceeds_every_budget`` when no replica fits it), so a
         replica with room serves it, and so do later requests at once (:class:`MeasuredSizes`).
-        Each of the two calls has its own ``request_timeout_s``."""
+        Both calls share one ``request_timeout_s``."""
         payload, need, received_s = self._prepare(req)
+        deadline_s = time.monotonic() + self.settings.request_timeout_s
         for _ in range(2):
             await self.admit(need)
-            response = remote_as_own_request(self.replicas.generate, payload, need)
+            response = self._send(payload, need, deadline_s)
             try:
-                result = await self.reply(response)
+                result = await self.reply(response, deadline_s - time.monotonic())
             except _CALL_ERRORS as exc:
                 raise self._failure(exc) from None
             need = self.measured.learn(result, need)
@@ -187,12 +188,22 @@ class RouterCore:
                 break
         return self._finish(result, received_s)
 
-    async def reply(self, response: Any) -> Any:
-        """The answer of a replica call (a DeploymentResponse) within request_timeout_s. A
-        call given up on is cancelled at the replica too: on our caller's cancellation (an
-        HTTP client gone) and on our timeout (see _cancel_on_our_timeout)."""
+    def _send(self, payload: dict[str, Any], need: Need, deadline_s: float) -> Any:
+        """One replica call, stamped with its own send time (the replica's queue time is
+        counted from it: a second call after a 413 must not count the first one's load),
+        or 504 once the request's time is spent (before a second call)."""
+        if time.monotonic() >= deadline_s:
+            raise ServiceError(504, "timeout", f"no answer within {self.settings.request_timeout_s} s")
+        return remote_as_own_request(self.replicas.generate, payload | {"sent_at_s": time.time()}, need)
+
+    async def reply(self, response: Any, timeout_s: float | None = None) -> Any:
+        """The answer of a replica call (a DeploymentResponse) within ``timeout_s`` (default
+        request_timeout_s). A call given up on is cancelled at the replica too: on our
+        caller's cancellation (an HTTP client gone) and on our timeout (see
+        _cancel_on_our_timeout)."""
+        timeout_s = self.settings.request_timeout_s if timeout_s is None else max(timeout_s, 0.0)
         try:
-            return await asyncio.wait_for(response, timeout=self.settings.request_timeout_s)
+            return await asyncio.wait_for(response, timeout=timeout_s)
         except asyncio.CancelledError:
             response.cancel()
             raise
@@ -200,11 +211,12 @@ class RouterCore:
             _cancel_on_our_timeout(exc, response)
             raise
 
-    def reply_sync(self, response: Any) -> Any:
+    def reply_sync(self, response: Any, timeout_s: float | None = None) -> Any:
         """:meth:`reply` for synchronous callers: blocks on the handle's result(), and cancels
         the call on our timeout in the same way."""
+        timeout_s = self.settings.request_timeout_s if timeout_s is None else max(timeout_s, 0.0)
         try:
-            return response.result(timeout_s=self.settings.request_timeout_s)
+            return response.result(timeout_s=timeout_s)
         except _TIMEOUTS as exc:
             _cancel_on_our_timeout(exc, response)
             raise
@@ -213,11 +225,12 @@ class RouterCore:
         """:meth:`generate` for synchronous callers (not inside an event loop): blocks on the
         handle's result instead of awaiting it, without an event loop of its own."""
         payload, need, received_s = self._prepare(req)
+        deadline_s = time.monotonic() + self.settings.request_timeout_s
         for _ in range(2):  # as generate: once more with a need raised to a replica's measure
             self.admit_sync(need)
-            response = remote_as_own_request(self.replicas.generate, payload, need)
+            response = self._send(payload, need, deadline_s)
             try:
-                result = self.reply_sync(response)
+                result = self.reply_sync(response, deadline_s - time.monotonic())
             except _CALL_ERRORS as exc:
                 raise self._failure(exc) from None
             need = self.measured.learn(result, need)

@@ -171,3 +171,37 @@ def test_synchronous_callers_ask_again_too(demo_dir):
     with pytest.raises(ServiceError) as err:
         core.generate_sync(GenerateRequest.model_validate({"checkpoint": "demo-xs", "prompt": "p"}))
     assert err.value.code == "replica_busy" and sent == [estimate, estimate + 1000]
+
+
+def test_the_second_call_is_stamped_anew_and_shares_the_request_timeout(demo_dir):
+    """The replica counts its queue time from the call's sent_at_s (the second call must not
+    count the first one's load as queue), and both calls share one request_timeout_s: the
+    second gets what is left (review of stop 20: each had the whole timeout, up to 2x)."""
+    import time
+
+    from router.api import GenerateRequest
+    from router.core import ServiceError
+    from router.settings import IngressSettings
+
+    core, handle, _ = _core(demo_dir, [])
+    core.settings = IngressSettings(request_timeout_s=0.5)
+    need, _ = core.need(core.registry.get("demo-xs"), 64, 64, 1)
+    estimate = need.weights_bytes["float16"]
+    payloads = []
+
+    def remote(payload, need):
+        payloads.append(payload)
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        if len(payloads) == 1:  # a 413 after 0.4 s (a load that measured too big)
+            loop.call_later(0.4, answer.set_result, _too_big(estimate + 1000, estimate))
+        return answer  # the second never answers
+
+    handle.remote = remote
+    t0 = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        asyncio.run(core.generate(GenerateRequest.model_validate({"checkpoint": "demo-xs", "prompt": "p"})))
+    elapsed_s = time.monotonic() - t0
+    assert (err.value.status, err.value.code) == (504, "timeout")
+    assert 0.45 <= elapsed_s < 0.8  # one timeout (0.5 s), not two (0.9 s)
+    assert len(payloads) == 2 and payloads[1]["sent_at_s"] - payloads[0]["sent_at_s"] >= 0.35
