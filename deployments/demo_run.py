@@ -165,6 +165,34 @@ def plot_timelines(samples: dict[str, list[tuple[float, int, int]]], budgets: di
     return paths
 
 
+def post_generate(client: Any, body: dict[str, Any], *, sleep: Any = time.sleep) -> dict[str, Any]:
+    """POST ``body`` to /v1/generate with ``client`` (an httpx.Client): the app's JSON answer
+    when 200, else ``{"checkpoint", "error"}`` naming the status and code. A 503 with
+    Retry-After is retried twice (waiting at most 5 s), as a client should; an answer that
+    is not the app's JSON (Serve's proxy answers some in plain text) or a transport error is
+    an error row too, not an exception that ends the demo."""
+    import httpx
+
+    for attempt in range(3):
+        try:
+            resp = client.post("/v1/generate", json=body)
+        except httpx.HTTPError as exc:
+            return {"checkpoint": body["checkpoint"], "error": f"{type(exc).__name__}: {exc}"}
+        retry_after = resp.headers.get("retry-after")
+        if resp.status_code != 503 or retry_after is None or attempt == 2:
+            break
+        sleep(min(float(retry_after) if retry_after.isdigit() else 1.0, 5.0))
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if resp.status_code == 200 and isinstance(data, dict):
+        return data
+    code = ((data.get("error") or {}).get("code") if isinstance(data, dict) else None) or \
+        resp.text[:80].strip() or "no body"
+    return {"checkpoint": body["checkpoint"], "error": f"{resp.status_code} {code}"}
+
+
 def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, concurrency: int = 4) -> int:
     config_path = find_config(config_path)  # before anything starts
     import httpx
@@ -209,10 +237,9 @@ def run_demo(*, out_dir: str, n_requests: int, config_path: Path | None = None, 
 
             def send(item: tuple[int, dict[str, Any]]) -> dict[str, Any]:
                 i, body = item
-                resp = client.post("/v1/generate", json=body)
-                data = resp.json()
-                if resp.status_code != 200:
-                    return {"checkpoint": body["checkpoint"], "error": f"{resp.status_code} {data['error']['code']}"}
+                data = post_generate(client, body)
+                if "error" in data:
+                    return data
                 for k, img in enumerate(data["images"]):
                     out.write_bytes(f"images/{i:03d}-{data['checkpoint']}-{k}.png", base64.b64decode(img))
                 return data

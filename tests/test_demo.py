@@ -281,3 +281,36 @@ def test_memrouter_demo_runs_the_serve_app_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "4/4 requests answered 200" in r.stdout
     assert len(list(tmp_path.glob("memory-timeline-*.png"))) == 2 and (tmp_path / "final_status.json").is_file()
+
+
+def test_the_demo_client_retries_a_503_and_turns_odd_answers_into_error_rows():
+    """A review found that a plain-text answer (Serve's proxy) or a transport error ended the
+    demo with a traceback, and a 503 with Retry-After was never retried."""
+    import httpx
+
+    from deployments.demo_run import post_generate
+
+    answers = iter([
+        httpx.Response(503, headers={"Retry-After": "1"}, json={"error": {"code": "overloaded", "message": "m"}}),
+        httpx.Response(200, json={"checkpoint": "demo-xs", "images": []}),
+        httpx.Response(503, text="Request dropped due to backpressure"),
+        httpx.Response(500, json={"error": {"code": "internal_error", "message": "m"}}),
+    ])
+
+    def handler(request):
+        return next(answers)
+
+    slept = []
+    body = {"checkpoint": "demo-xs", "prompt": "p"}
+    with httpx.Client(base_url="http://app", transport=httpx.MockTransport(handler)) as client:
+        assert post_generate(client, body, sleep=slept.append) == {"checkpoint": "demo-xs", "images": []}
+        assert slept == [1.0]
+        assert post_generate(client, body, sleep=slept.append) == {
+            "checkpoint": "demo-xs", "error": "503 Request dropped due to backpressure"}  # no Retry-After
+        assert post_generate(client, body, sleep=slept.append)["error"] == "500 internal_error"
+
+    def refuse(request):
+        raise httpx.ConnectError("connection refused")
+
+    with httpx.Client(base_url="http://app", transport=httpx.MockTransport(refuse)) as client:
+        assert post_generate(client, body)["error"] == "ConnectError: connection refused"
