@@ -41,6 +41,20 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def admin_answer(out: dict[str, Any]) -> dict[str, Any] | JSONResponse:
+    """An admin route's answer from the per-replica outcomes: 200 when every replica acted;
+    else 503 ``admin_incomplete`` with ``Retry-After: 1``, naming the replicas that did not,
+    and the outcomes in ``replicas`` still (a review found 200 for a release that no replica
+    did: under load the admin calls wait in the replicas' queues with generate traffic)."""
+    failed = [r for r in out["replicas"] if "error" in r]
+    if not failed:
+        return out
+    named = ", ".join(f"{r['replica']} ({r['error']})" for r in failed[:8]) + (" ..." if len(failed) > 8 else "")
+    message = f"{len(failed)} of {len(out['replicas'])} replicas did not act: {named}; retry later"
+    return JSONResponse({"error": {"code": "admin_incomplete", "message": message}, **out}, status_code=503,
+                        headers={"Retry-After": "1"})
+
+
 def error_json(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, int(retry_after_s)))} if retry_after_s else None
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
@@ -390,10 +404,10 @@ class RouterIngress:
     async def http_offload(self, request: Request) -> dict[str, Any]:
         """Move idle pipelines (one checkpoint or all) off every replica's device."""
         self._check_admin(request)
-        return await self._admin("offload", admin_body(await request.body()))
+        return admin_answer(await self._admin("offload", admin_body(await request.body())))
 
     @app.post("/v1/admin/release", responses=ERROR_RESPONSES, openapi_extra=_ADMIN_BODY_DOC)
     async def http_release(self, request: Request) -> dict[str, Any]:
         """Free idle pipelines (one checkpoint or all) on every replica."""
         self._check_admin(request)
-        return await self._admin("release", admin_body(await request.body()))
+        return admin_answer(await self._admin("release", admin_body(await request.body())))

@@ -833,3 +833,22 @@ def test_replica_warm_up_is_reported_and_a_bad_class_does_not_stop_it(demo_dir, 
         assert off.memory_report()["warm_up"] is None
     finally:
         off.shutdown()
+
+
+def test_an_admin_route_answers_503_when_a_replica_did_not_act():
+    """Under load the admin calls wait in the replicas' queues with generate traffic and can
+    fail (BackPressureError, a timeout): the route answered 200 for a release that no
+    replica did (review of stop 20). Now 503 admin_incomplete with Retry-After, naming them."""
+    import json
+
+    from router.ingress import admin_answer
+
+    done = {"replicas": [{"replica": "r1", "released": ["demo-xs"]}, {"replica": "r2", "released": []}]}
+    assert admin_answer(done) is done
+    partial = {"replicas": [{"replica": "r1", "released": []}, {"replica": "r2", "error": "BackPressureError"}]}
+    resp = admin_answer(partial)
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+    body = json.loads(resp.body)
+    assert body["error"] == {"code": "admin_incomplete",
+                             "message": "1 of 2 replicas did not act: r2 (BackPressureError); retry later"}
+    assert body["replicas"] == partial["replicas"]
