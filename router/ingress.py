@@ -218,8 +218,9 @@ def route_path(scope: Scope) -> str:
 
 
 class InflightLimitMiddleware:
-    """ASGI middleware: at most ``limit`` HTTP requests in this ingress replica at once; past
-    it, 503 ``overloaded`` with ``Retry-After: 1`` in the documented error shape.
+    """ASGI middleware: at most ``limit`` generate requests in this ingress replica at once
+    (HTTP, and handle calls through :meth:`enter`); past it, 503 ``overloaded`` with
+    ``Retry-After: 1`` in the documented error shape.
 
     Serve's own ingress queue answers a plain-text 503 without Retry-After when it is full,
     so build_app gives Serve's limits headroom above this one (deployments/app.py:
@@ -242,15 +243,27 @@ class InflightLimitMiddleware:
         if scope["type"] != "http" or route_path(scope) != "/v1/generate":
             await self.app(scope, receive, send)
             return
-        if 0 <= cls.limit <= cls._inflight:
-            await error_json(503, "overloaded", f"the router holds {cls._inflight} requests, its limit; retry later",
-                             1)(scope, receive, send)
+        refused = cls.enter()
+        if refused is not None:
+            await error_json(refused.status, refused.code, refused.message, refused.retry_after_s)(scope, receive, send)
             return
-        cls._inflight += 1  # one event loop: no lock needed
         try:
             await self.app(scope, receive, send)
         finally:
             cls._inflight -= 1
+
+    @classmethod
+    def enter(cls) -> ServiceError | None:
+        """Count one generate request in (the caller decrements ``_inflight`` when it ends),
+        or the 503 ``overloaded`` to answer at the limit. HTTP requests and handle calls to
+        RouterIngress.generate count alike: both take Serve's slots of this replica (a
+        review found handle traffic pushing HTTP callers into Serve's plain-text 503).
+        One event loop runs both: no lock needed."""
+        if 0 <= cls.limit <= cls._inflight:
+            return ServiceError(503, "overloaded",
+                                f"the router holds {cls._inflight} requests, its limit; retry later", 1)
+        cls._inflight += 1
+        return None
 
 
 app = FastAPI(
@@ -328,7 +341,13 @@ class RouterIngress:
             request = validated(request)
         except ValidationError as exc:
             raise ServiceError(422, "invalid_request", problems_message(exc.errors())) from None
-        return await self._core.generate(request)
+        refused = InflightLimitMiddleware.enter()  # the same limit as HTTP's generate
+        if refused is not None:
+            raise refused
+        try:
+            return await self._core.generate(request)
+        finally:
+            InflightLimitMiddleware._inflight -= 1
 
     # ---- HTTP --------------------------------------------------------------------------------
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)

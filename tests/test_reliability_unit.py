@@ -852,3 +852,43 @@ def test_an_admin_route_answers_503_when_a_replica_did_not_act():
     assert body["error"] == {"code": "admin_incomplete",
                              "message": "1 of 2 replicas did not act: r2 (BackPressureError); retry later"}
     assert body["replicas"] == partial["replicas"]
+
+
+def test_handle_calls_to_the_ingress_count_toward_its_limit_as_http_does():
+    """A handle caller's generate took Serve's slots of the ingress uncounted, pushing HTTP
+    callers into Serve's plain-text 503 (review of stop 20): it is counted in the same limit,
+    refused with ServiceError 503 overloaded past it, and gives its slot back when done."""
+    import asyncio
+    import types
+
+    from router.core import ServiceError
+    from router.ingress import InflightLimitMiddleware, RouterIngress
+
+    release = None
+
+    async def generate(request):
+        await release.wait()
+        return "answer"
+
+    ingress = types.SimpleNamespace(_core=types.SimpleNamespace(generate=generate))
+    request = {"checkpoint": "demo-xs", "prompt": "p"}
+    old_limit, old_inflight = InflightLimitMiddleware.limit, InflightLimitMiddleware._inflight
+    InflightLimitMiddleware.limit, InflightLimitMiddleware._inflight = 2, 0
+
+    async def run():
+        nonlocal release
+        release = asyncio.Event()
+        first = [asyncio.ensure_future(RouterIngress.generate(ingress, request)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert InflightLimitMiddleware._inflight == 2
+        with pytest.raises(ServiceError) as err:
+            await RouterIngress.generate(ingress, request)
+        assert (err.value.status, err.value.code, err.value.retry_after_s) == (503, "overloaded", 1)
+        release.set()
+        assert await asyncio.gather(*first) == ["answer", "answer"]
+        return InflightLimitMiddleware._inflight
+
+    try:
+        assert asyncio.run(run()) == 0
+    finally:
+        InflightLimitMiddleware.limit, InflightLimitMiddleware._inflight = old_limit, old_inflight
