@@ -34,9 +34,9 @@ import struct
 from bisect import bisect_left, insort
 from typing import Sequence
 
-from router.placement import (_BUSY, _FIELD_BITS, _FIELD_MASK, _FITS, _INF, _LATER, _MISS, _ON_HOST,
+from router.placement import (_BUSY, _FIELD_BITS, _FIELD_MASK, _FITS, _LATER, _MISS, _ON_HOST,
                               _SOONER_LOAD_FACTOR, _SPILLED, Need, ReplicaView, _best_wait_s, _fill_memo, _gate, _keep,
-                              _later, _rank_floor, _same_size_scores, _Score, _size_score, _sooner, _timed_holder_key)
+                              _later, _rank_floor, _same_size_scores, _Score, _size_score, _sooner, _timed_holders)
 
 _MAX_CLASSES = 512  # size classes kept; past it all are dropped and rebuilt on use
 
@@ -275,7 +275,6 @@ class FleetIndex:
         if holders:
             hcls = self._synced(need, need.checkpoint)
             held, hscores = hcls.order, hcls.scores
-            least_inference_s = _INF
             timed = True
             for key in held:
                 slot = key & _FIELD_MASK
@@ -284,8 +283,6 @@ class FleetIndex:
                     on_device_or_host.append(slot)
                     if s.fixed_s is None:
                         timed = False
-                    elif views[slot].inference_s < least_inference_s:
-                        least_inference_s = views[slot].inference_s
             timed = timed and bool(on_device_or_host)
             if not timed:
                 # A holder on its device or host that is below the spill line places before every
@@ -300,31 +297,23 @@ class FleetIndex:
 
         hkeys: list[int] = []
         if timed:
-            # Every holder's queue is read: they order by expected wait. One pass gives their
-            # keys and placement._best_wait_s's figure (the same floats in the same order: the
-            # rate's sum by slot, as rank_indices sums by view index).
-            line_s = spill_queue_len * least_inference_s  # placement._holder_spill_line_s
-            below: list[int] = []
-            best_wait_s = _INF
-            for key in held:
-                slot = key & _FIELD_MASK
+            # Every holder's queue is read: they order by expected wait (in slot order, as
+            # rank_indices takes them by view index: the same best wait to the last bit).
+            timed_holders = []
+            for slot in sorted(on_device_or_host):
                 q = queue_lens[slot]
                 if not min_queue_len <= q <= _FIELD_MASK:
                     raise _bad_queue(q, min_queue_len)
-                s = hscores[slot]
-                if s.rank <= _ON_HOST:
-                    inference_s = views[slot].inference_s
-                    wait_s = q * inference_s + s.fixed_s
-                    if wait_s < best_wait_s:
-                        best_wait_s = wait_s
-                    k = _timed_holder_key(s.base, q, inference_s, slot, line_s)
-                    if not k & _SPILLED:
-                        below.append(k)
-                    hkeys.append(k)
-                else:
+                timed_holders.append((hscores[slot], q, views[slot], slot))
+            hkeys, best_wait_s = _timed_holders(timed_holders, spill_queue_len, backlog)
+            below = [key for key in hkeys if not key & _SPILLED]
+            for key in held:  # the holders that rank below their host keep queue-length keys
+                slot = key & _FIELD_MASK
+                if hscores[slot].rank > _ON_HOST:
+                    q = queue_lens[slot]
+                    if not min_queue_len <= q <= _FIELD_MASK:
+                        raise _bad_queue(q, min_queue_len)
                     hkeys.append(key | (q << _FIELD_BITS) | (_SPILLED if q >= spill_queue_len else 0))
-            if backlog:
-                best_wait_s += backlog / sum([1.0 / views[slot].inference_s for slot in sorted(on_device_or_host)])
             # The same shortcut by the holders' expected waits: want of them below the spill
             # line place before every other replica unless one could be sooner than the best.
             if len(below) >= want and not self._sooner_possible_at(need, best_wait_s):
@@ -340,7 +329,7 @@ class FleetIndex:
                                        backlog)
         gate = bool(on_device_or_host) and (best_wait_s is not None or not evict_for_held)
         if gate:
-            hkeys = _gate(hkeys, [hscores[key & _FIELD_MASK] for key in held], views, queue_lens, best_wait_s,
+            hkeys = _gate(hkeys, [hscores[key & _FIELD_MASK] for key in hkeys], views, queue_lens, best_wait_s,
                           evict_for_held)
         # The size class only now: a decision the holders made leaves its backlog to the next
         # (a slot changed twice meanwhile is scored once).

@@ -497,13 +497,15 @@ def rank_indices(views: Sequence[ReplicaView], need: Need, *, spill_queue_len: i
     if backlog < 0:
         raise ValueError(f"backlog must be >= 0, got {backlog}")
     keys, scores, queue_lens, held = _scored(views, need, spill_queue_len, queue_lens)
-    best_wait_s = _best_wait_s(((scores[j], queue_lens[keys[j] & _FIELD_MASK], views[keys[j] & _FIELD_MASK])
-                                for j in held), backlog)
-    if held and best_wait_s is not None:
-        line_s = _holder_spill_line_s((views[keys[j] & _FIELD_MASK] for j in held), spill_queue_len)
-        for j in held:
-            i = keys[j] & _FIELD_MASK
-            keys[j] = _timed_holder_key(scores[j].base, queue_lens[i], views[i].inference_s, i, line_s)
+    if held and all(scores[j].fixed_s is not None for j in held):  # timed holders: by expected wait
+        indices = [keys[j] & _FIELD_MASK for j in held]
+        timed_keys, best_wait_s = _timed_holders(
+            [(scores[j], queue_lens[i], views[i], i) for j, i in zip(held, indices)], spill_queue_len, backlog)
+        for j, key in zip(held, timed_keys):
+            keys[j] = key
+    else:
+        best_wait_s = _best_wait_s(((scores[j], queue_lens[keys[j] & _FIELD_MASK], views[keys[j] & _FIELD_MASK])
+                                    for j in held), backlog)
     if held and (best_wait_s is not None or not evict_for_held):  # else the gate keeps every replica
         # Filtering before the sort: under load most non-holders drop out here.
         keys = _gate(keys, scores, views, queue_lens, best_wait_s, evict_for_held)
@@ -544,10 +546,27 @@ def _best_wait_s(held, backlog: int = 0) -> float | None:
     return best
 
 
-def _holder_spill_line_s(held_views, spill_queue_len: int) -> float:
-    """The spill line of timed holders, in seconds: ``spill_queue_len`` requests at the
-    fastest holder's inference time (every holder measured; see _timed_holder_key)."""
-    return spill_queue_len * min(v.inference_s for v in held_views)
+def _timed_holders(held: list[tuple[_Score, int, "ReplicaView", int]], spill_queue_len: int,
+                   backlog: int) -> tuple[list[int], float]:
+    """(sort keys, best wait) of the holders on their device or host, given as (score, queue
+    length, view, index) in index order, when every one has measured times: the keys by
+    _timed_holder_key, with the spill line at ``spill_queue_len`` requests at the fastest
+    holder's inference time, and the best wait as _best_wait_s gives it (the same floats
+    in the same order). rank_indices and FleetIndex.rank both take them from here."""
+    line_s = spill_queue_len * min(v.inference_s for _, _, v, _ in held)
+    keys = []
+    best = _INF
+    rate = 0.0
+    for s, q, v, i in held:
+        inference_s = v.inference_s
+        wait_s = q * inference_s + s.fixed_s
+        if wait_s < best:
+            best = wait_s
+        rate += 1.0 / inference_s
+        keys.append(_timed_holder_key(s.base, q, inference_s, i, line_s))
+    if backlog and rate:
+        best += backlog / rate
+    return keys, best
 
 
 def _timed_holder_key(base: int, queue_len: int, inference_s: float, index: int, line_s: float) -> int:
